@@ -1,0 +1,201 @@
+"""One typed config for a whole run, built from a YAML file plus dotted `key=value` overrides.
+
+OmegaConf does the merging and type checking against these dataclasses (it is Hydra's config
+engine); lexlora only turns its errors into `ConfigError`s and checks the values' meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lexlora.errors import ConfigError
+
+FUSION_MODES = ("add", "first", "prefix")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "google/flan-t5-small"
+    # Build the base from its config with random weights: for tests and benchmarks only.
+    random_init: bool = False
+    init_seed: int = 0
+    # Config fields changed before building a random-init base (e.g. a tiny T5 for tests).
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # None: the attention projections of the base's architecture (T5: q, k, v, o).
+    target_modules: Optional[List[str]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    # Any other peft.LoraConfig argument, passed through unchanged.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FusionConfig:
+    enabled: bool = True
+    mode: str = "add"
+    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    embedding_batch_size: int = 64
+    # None: $LEXLORA_CACHE/embeddings or ~/.cache/lexlora/embeddings.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    path: str = "examples/python_stdlib.jsonl"
+    # auto (from the extension; a directory is a saved HF dataset), jsonl, json, csv or hf.
+    format: str = "auto"
+    input_template: str = "{filename}"
+    target_field: str = "description"
+    # Field whose text is embedded for fusion; None: the template's only field.
+    lexical_field: Optional[str] = None
+    # Slices of the data file in `datasets` split syntax: percents or counts.
+    splits: Dict[str, str] = field(
+        default_factory=lambda: {"train": "[:90%]", "validation": "[90%:]"}
+    )
+    # Shuffle the records (with this seed) before slicing; None keeps file order.
+    shuffle_seed: Optional[int] = None
+    max_source_length: int = 128
+    max_target_length: int = 64
+    pad_to_multiple_of: Optional[int] = None
+    # Skip (and count) invalid records instead of stopping at them.
+    skip_invalid: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    # When set, overrides epochs.
+    max_steps: Optional[int] = None
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # auto: bf16 on a GPU that supports it, otherwise no.
+    mixed_precision: str = "auto"
+    log_every: int = 10
+    num_workers: int = 0
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 48
+    num_beams: int = 1
+    batch_size: int = 32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    output_dir: str = "adapters/default"
+    overwrite_output_dir: bool = False
+    # Weights are stored in this dtype; training ends by rounding to it so the saved adapter is
+    # exactly the model that was last evaluated.
+    save_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_choice("fusion.mode", self.fusion.mode, FUSION_MODES)
+        _check_choice("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION)
+        _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        _check_choice("data.format", self.data.format, ("auto", "jsonl", "json", "csv", "hf"))
+        for key, value in (
+            ("lora.r", self.lora.r),
+            ("train.batch_size", self.train.batch_size),
+            ("train.eval_batch_size", self.train.eval_batch_size),
+            ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
+            ("train.log_every", self.train.log_every),
+            ("data.max_source_length", self.data.max_source_length),
+            ("data.max_target_length", self.data.max_target_length),
+            ("generation.max_new_tokens", self.generation.max_new_tokens),
+            ("generation.num_beams", self.generation.num_beams),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} must be at least 1, got {value}")
+        if self.train.max_steps is not None and self.train.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be at least 1, got {self.train.max_steps}")
+        if self.train.epochs < 1 and self.train.max_steps is None:
+            raise ConfigError("train.epochs must be at least 1 (or set train.max_steps)")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        if "train" not in self.data.splits:
+            raise ConfigError("data.splits needs a 'train' entry, e.g. data.splits.train='[:90%]'")
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, checked against `Config`."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = OmegaConf.create({})
+        if not OmegaConf.is_dict(loaded):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        layers.append(loaded)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lora.r=16)")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override: {_omegaconf_message(exc)}") from None
+    source = f"{path}" if path is not None else "the defaults"
+    try:
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source} (with overrides): {_omegaconf_message(exc)}") from None
+    assert isinstance(config, Config)
+    return config
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    # OmegaConf appends a multi-line block of internals; keep the first line and the key.
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{first} (key: {key})" if key and key not in first else first
+
+
+def config_to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_to_dict(config: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,246 @@
+"""A frozen seq2seq base with PEFT LoRA on its attention projections and a lexical fusion projection
+on its encoder input; forward for training and `generate` through precomputed encoder outputs
+(generate() itself cannot take the lexical vectors: transformers #12844, #11530)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lexlora.base import default_target_modules
+from lexlora.config import LoraSettings
+from lexlora.data import PromptTemplate
+from lexlora.errors import AdapterError, DataError
+from lexlora.fusion import LexicalFusion
+
+FUSION_PREFIX = "lexical_fusion."
+
+
+@dataclass
+class AdapterSpec:
+    """What an adapter expects of its inputs; saved with it so users pass raw records."""
+
+    input_template: str
+    target_field: str
+    lexical_field: str | None = None
+    fusion_mode: str | None = None  # None: fusion disabled
+    embedding_model: str | None = None
+    embedding_dim: int | None = None
+
+    @property
+    def fusion_enabled(self) -> bool:
+        return self.fusion_mode is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_lora_config(settings: LoraSettings, model_type: str, base_id: str) -> LoraConfig:
+    targets = list(settings.target_modules) if settings.target_modules else default_target_modules(model_type)
+    try:
+        return LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=targets,
+            bias=settings.bias,
+            use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
+            task_type="SEQ_2_SEQ_LM",
+            base_model_name_or_path=base_id,
+            **dict(settings.extra),
+        )
+    except (TypeError, ValueError) as exc:
+        from lexlora.errors import ConfigError
+
+        raise ConfigError(f"invalid LoRA settings (lora.*): {exc}") from None
+
+
+class LexLoraModel(nn.Module):
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: AdapterSpec,
+        fusion: LexicalFusion | None,
+    ):
+        super().__init__()
+        if spec.fusion_enabled != (fusion is not None):
+            raise ValueError("spec.fusion_mode and the fusion module must agree")
+        self.peft_model = peft_model
+        self.lexical_fusion = fusion
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.template = PromptTemplate(spec.input_template)
+        self.lexical_encoder = None  # a LexicalEncoder, set by whoever generates from raw text
+
+    @classmethod
+    def create(
+        cls,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        lora_config: LoraConfig,
+        spec: AdapterSpec,
+    ) -> "LexLoraModel":
+        """A fresh adapter (LoRA B = 0, zero fusion): computes exactly what the base computes."""
+        base.requires_grad_(False)
+        try:
+            peft_model = get_peft_model(base, lora_config)
+        except ValueError as exc:  # e.g. target modules not found in the base
+            from lexlora.errors import ConfigError
+
+            raise ConfigError(f"could not add LoRA to {lora_config.base_model_name_or_path}: {exc}") from None
+        fusion = None
+        if spec.fusion_enabled:
+            assert spec.embedding_dim is not None
+            model_dim = base.get_input_embeddings().embedding_dim
+            fusion = LexicalFusion(spec.embedding_dim, model_dim, spec.fusion_mode or "add")
+        return cls(peft_model, tokenizer, spec, fusion)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters; tied weights counted once."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights under PEFT's key names, plus the fusion projection under `lexical_fusion.`."""
+        state = dict(get_peft_model_state_dict(self.peft_model, save_embedding_layers=False))
+        if self.lexical_fusion is not None:
+            for key, value in self.lexical_fusion.state_dict().items():
+                state[FUSION_PREFIX + key] = value
+        return state
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        lora = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
+        fusion = {k[len(FUSION_PREFIX):]: v for k, v in state.items() if k.startswith(FUSION_PREFIX)}
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(
+                f"{source}: weights do not match the adapter config"
+                + (f"; missing {len(missing)} (e.g. {missing[0]})" if missing else "")
+                + (f"; unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise AdapterError(
+                    f"{source}: tensor {key} has shape {tuple(value.shape)}, the adapter config implies "
+                    f"{tuple(expected[key].shape)} (rank or target modules differ from adapter_config.json?)"
+                )
+        set_peft_model_state_dict(self.peft_model, lora)
+        if self.lexical_fusion is not None:
+            self.lexical_fusion.load_state_dict(fusion)
+
+    @torch.no_grad()
+    def round_trainables_(self, dtype: torch.dtype) -> None:
+        """Round trainable weights through `dtype` in place (what saving in that dtype keeps)."""
+        for param in self.parameters():
+            if param.requires_grad and param.dtype != dtype:
+                param.copy_(param.to(dtype).to(param.dtype))
+
+    # ---- forward / generate ------------------------------------------------------------------
+    def encoder_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lexical_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the lexical vector fused in, and the (possibly extended) mask."""
+        embeds = self.peft_model.get_input_embeddings()(input_ids)
+        if self.lexical_fusion is None:
+            return embeds, attention_mask
+        if lexical_embeds is None:
+            raise DataError("this adapter uses fusion: lexical_embeds are required")
+        return self.lexical_fusion(embeds, attention_mask, lexical_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lexical_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
+        return self.peft_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lexical_embeds: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Token ids; runs the encoder once on the fused embeddings and decodes from its outputs
+        (greedy or beam: `num_beams`, `max_new_tokens`, ... are passed to transformers)."""
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
+        encoder_outputs = self.peft_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        return self.peft_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
+
+    # ---- raw records in, text out --------------------------------------------------------------
+    def format_inputs(self, inputs: Sequence[str | Mapping[str, str]]) -> list[dict[str, str]]:
+        """Raw inputs -> records: a string fills the adapter's single input field."""
+        fields = list(self.template.fields)
+        if self.spec.lexical_field and self.spec.lexical_field not in fields:
+            fields.append(self.spec.lexical_field)
+        records = []
+        for index, item in enumerate(inputs):
+            if isinstance(item, str):
+                if len(fields) != 1:
+                    raise DataError(
+                        f"input {index}: this adapter needs the fields {fields}; pass a record (a JSON object) "
+                        "rather than a plain string"
+                    )
+                records.append({fields[0]: item})
+                continue
+            if not isinstance(item, Mapping):
+                raise DataError(f"input {index}: expected a string or a record, got {type(item).__name__}")
+            for name in fields:
+                if not isinstance(item.get(name), str):
+                    raise DataError(f"input {index}: field {name!r} is missing or not a string")
+            records.append({name: item[name] for name in fields})
+        return records
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        inputs: Sequence[str | Mapping[str, str]],
+        batch_size: int = 32,
+        max_source_length: int = 128,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        records = self.format_inputs(inputs)
+        lexical = None
+        if self.lexical_fusion is not None:
+            if self.lexical_encoder is None:
+                raise DataError("this adapter uses fusion: set model.lexical_encoder to embed the inputs")
+            lexical = self.lexical_encoder.encode([r[self.spec.lexical_field] for r in records])
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        outputs: list[str] = []
+        try:
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                enc = self.tokenizer(
+                    [self.template.format(r) for r in chunk],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_source_length,
+                ).to(device)
+                lex = lexical[start : start + batch_size].to(device) if lexical is not None else None
+                ids = self.generate(enc["input_ids"], enc["attention_mask"], lex, **generate_kwargs)
+                outputs.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        finally:
+            self.train(was_training)
+        return [text.strip() for text in outputs]

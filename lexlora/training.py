@@ -1,0 +1,338 @@
+"""The training recipe: data -> embeddings -> base + LoRA + fusion -> Accelerate loop -> adapter dir.
+
+Accelerate does device placement, mixed precision, gradient accumulation and multi-process runs, so
+the same code runs under `python` and `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from lexlora.adapters import (
+    DTYPES,
+    check_output_dir,
+    file_sha256,
+    make_staging_dir,
+    publish,
+    write_adapter_files,
+)
+from lexlora.base import FP16_UNSAFE, fingerprint, load_base_model, load_tokenizer
+from lexlora.config import Config, config_to_dict, config_to_yaml
+from lexlora.data import EncodedSplit, LexicalCollator, encode_split, load_splits
+from lexlora.embeddings import LexicalEncoder
+from lexlora.errors import ConfigError, LexloraError
+from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_IN_CARD = 3
+
+
+class NonFiniteLossError(LexloraError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only the main process writes."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def describe_counts(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+@torch.no_grad()
+def validation_loss(model, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Token-weighted mean cross-entropy over the whole split (all processes)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        loss = model(**batch).loss
+        count = (batch["labels"] != -100).sum()
+        pair = accelerator.gather_for_metrics(torch.stack([loss.double() * count, count.double()]).unsqueeze(0))
+        total += pair[:, 0].sum()
+        tokens += pair[:, 1].sum()
+    model.train(was_training)
+    return float(total / tokens.clamp(min=1))
+
+
+def prepare_data(cfg: Config, tokenizer, device) -> tuple[dict[str, EncodedSplit], Any, str | None, int | None, dict]:
+    """Read + validate records (before any model work), embed, tokenize."""
+    splits, template, lexical_field = load_splits(cfg.data, cfg.fusion.enabled)
+    embedding_dim = None
+    vectors: dict[str, torch.Tensor] = {}
+    if cfg.fusion.enabled:
+        encoder = LexicalEncoder(
+            cfg.fusion.embedding_model, cfg.fusion.cache_dir, cfg.fusion.embedding_batch_size, device
+        )
+        started = time.perf_counter()
+        for name, records in splits.items():
+            vectors[name] = encoder.encode([r.fields[lexical_field] for r in records])
+        embedding_dim = int(next(iter(vectors.values())).shape[-1])
+        logger.info(
+            "lexical embeddings (%s): %d texts encoded, the rest from the cache, in %.1fs",
+            cfg.fusion.embedding_model, encoder.encoded_count, time.perf_counter() - started,
+        )
+    encoded = {
+        name: encode_split(records, template, cfg.data.target_field, tokenizer, cfg.data, vectors.get(name), name)
+        for name, records in splits.items()
+    }
+    path = Path(cfg.data.path)
+    dataset_info = {
+        "path": str(cfg.data.path),
+        "sha256": file_sha256(path) if path.is_file() else None,
+        "splits": {name: len(records) for name, records in splits.items()},
+    }
+    return encoded, template, lexical_field, embedding_dim, dataset_info
+
+
+def refuse_fp16_for_t5(cfg: Config) -> None:
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(cfg.model.name_or_path).model_type
+    if model_type in FP16_UNSAFE:
+        raise ConfigError(
+            f"train.mixed_precision=fp16 is refused for {model_type}: T5-family models overflow to inf/NaN "
+            "in fp16 (they were trained in bf16). Use bf16 (GPUs since Ampere) or no."
+        )
+
+
+def train(cfg: Config) -> TrainResult:
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    if mixed_precision == "fp16":
+        refuse_fp16_for_t5(cfg)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        )
+    except ValueError as exc:  # e.g. fp16 without a GPU
+        raise ConfigError(f"train.mixed_precision={mixed_precision}: {exc}") from None
+    main = accelerator.is_main_process
+    set_seed(cfg.train.seed)
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+
+    tokenizer = load_tokenizer(cfg.model)
+    # The main process fills the embedding cache first; the others then read it.
+    with accelerator.main_process_first():
+        encoded, template, lexical_field, embedding_dim, dataset_info = prepare_data(cfg, tokenizer, accelerator.device)
+
+    base = load_base_model(cfg.model)
+    base_fp = fingerprint(base, cfg.model)
+    spec = AdapterSpec(
+        input_template=cfg.data.input_template,
+        target_field=cfg.data.target_field,
+        lexical_field=lexical_field,
+        fusion_mode=cfg.fusion.mode if cfg.fusion.enabled else None,
+        embedding_model=cfg.fusion.embedding_model if cfg.fusion.enabled else None,
+        embedding_dim=embedding_dim,
+    )
+    lora_config = build_lora_config(cfg.lora, base.config.model_type, cfg.model.name_or_path)
+    model = LexLoraModel.create(base, tokenizer, lora_config, spec)
+    trainable, total = model.parameter_counts()
+    accelerator.print(describe_counts(trainable, total))
+
+    collator = LexicalCollator(tokenizer, cfg.data.pad_to_multiple_of)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    train_loader = DataLoader(
+        encoded["train"], batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
+        generator=generator, num_workers=cfg.train.num_workers,
+    )
+    val_split = encoded.get("validation")
+    val_loader = (
+        DataLoader(val_split, batch_size=cfg.train.eval_batch_size, collate_fn=collator, num_workers=cfg.train.num_workers)
+        if val_split is not None
+        else None
+    )
+    train_loader = accelerator.prepare(train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps))
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    # Accelerate steps a prepared scheduler once per process, so its horizon is scaled to match.
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(cfg.train.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    unwrapped: LexLoraModel = accelerator.unwrap_model(model)
+
+    staging = make_staging_dir(cfg.output_dir) if main else None
+    log = MetricsLog(staging / "metrics.jsonl" if staging else None)
+    try:
+        if staging is not None:
+            (staging / "config.yaml").write_text(config_to_yaml(cfg))
+            logger.info("training log: %s (moved to %s at the end)", staging / "metrics.jsonl", cfg.output_dir)
+        metrics = _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader, val_loader, total_steps, log)
+        metrics.update(
+            {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
+             "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes}
+        )
+        # Round to the save dtype before the final evaluation, so the recorded metrics are exactly
+        # those of the saved adapter.
+        unwrapped.round_trainables_(DTYPES[cfg.save_dtype])
+        if val_loader is not None:
+            metrics["final_val_loss"] = validation_loss(model, val_loader, accelerator)
+        accelerator.wait_for_everyone()
+        output_dir = Path(cfg.output_dir)
+        if main:
+            samples = _samples(unwrapped, val_split, cfg, lexical_field) if val_split is not None else []
+            metadata = {
+                "base": base_fp,
+                "lora": asdict(cfg.lora),
+                "dataset": dataset_info,
+                "training": config_to_dict(cfg)["train"],
+                "generation": config_to_dict(cfg)["generation"],
+                "data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k not in ("path",)},
+                "metrics": metrics,
+                "samples": samples,
+            }
+            size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
+            publish(staging, output_dir, cfg.overwrite_output_dir)
+            staging = None
+            metrics["adapter_bytes"] = size
+            accelerator.print(f"adapter saved to {output_dir} ({size / 1e6:.2f} MB of weights, {cfg.save_dtype})")
+        accelerator.wait_for_everyone()
+        return TrainResult(output_dir, metrics)
+    finally:
+        if staging is not None and staging.exists():
+            # Keep the log of a failed run for inspection, under a name that is not an adapter.
+            failed = staging.with_name(staging.name.replace(".tmp-", ".failed-"))
+            shutil.move(str(staging), str(failed))
+            logger.warning("run did not finish; its log is in %s", failed)
+
+
+def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader, val_loader, total_steps, log) -> dict[str, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
+    step = epoch = 0
+    best_val = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = []
+    running = torch.zeros((), device=accelerator.device)
+    micro_batches = 0
+    last_loss = math.nan
+    started = time.perf_counter()
+    model.train()
+    while step < total_steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running += loss.detach()
+            micro_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            # Host sync (.item) only at log intervals.
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                last_loss = accelerator.gather(running / micro_batches).mean().item()
+                running.zero_()
+                micro_batches = 0
+                if not math.isfinite(last_loss):
+                    raise NonFiniteLossError(
+                        f"training loss became {last_loss} by step {step}; nothing was saved. "
+                        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no instead of fp16, "
+                        "or a smaller train.max_grad_norm."
+                    )
+                lr = scheduler.get_last_lr()[0]
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                log.write(step=step, epoch=epoch, loss=last_loss, lr=lr, seconds=time.perf_counter() - started)
+            if step >= total_steps:
+                break
+        epoch += 1
+        if val_loader is not None:
+            val = validation_loss(model, val_loader, accelerator)
+            improved = val < best_val
+            if improved:
+                best_val = val
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.trainable_state_dict().items()}
+            record = {"step": step, "epoch": epoch, "val_loss": val, "best": improved}
+            history.append(record)
+            log.write(**record)
+            accelerator.print(f"epoch {epoch} step {step}: val_loss {val:.4f}{' (best)' if improved else ''}")
+    progress.close()
+    seconds = time.perf_counter() - started
+    if best_state is not None:
+        unwrapped.load_trainable_state_dict(best_state, source="best checkpoint")
+    metrics: dict[str, Any] = {
+        "steps": step,
+        "epochs": epoch,
+        "train_loss": last_loss,
+        "train_seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / max(step, 1), 4),
+        "best_val_loss": best_val if best_state is not None else None,
+    }
+    log.write(summary=metrics)
+    return metrics
+
+
+def _samples(model: LexLoraModel, split: EncodedSplit, cfg: Config, lexical_field: str | None) -> list[dict[str, str]]:
+    records = [r.fields for r in split.records[:SAMPLES_IN_CARD]]
+    if not records:
+        return []
+    lexical = split.lexical_embeds[: len(records)] if split.lexical_embeds is not None else None
+    device = next(model.parameters()).device
+    enc = model.tokenizer(
+        [model.template.format(r) for r in records], return_tensors="pt", padding=True,
+        truncation=True, max_length=cfg.data.max_source_length,
+    ).to(device)
+    model.eval()
+    ids = model.generate(
+        enc["input_ids"], enc["attention_mask"], lexical.to(device) if lexical is not None else None,
+        max_new_tokens=cfg.generation.max_new_tokens, num_beams=cfg.generation.num_beams,
+    )
+    outputs = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    field = lexical_field or model.template.fields[0]
+    return [
+        {"input": r[field], "reference": r[cfg.data.target_field], "output": o.strip()}
+        for r, o in zip(records, outputs)
+    ]
