@@ -1,0 +1,65 @@
+import pytest
+
+from lexlora.config import config_to_yaml, load_config
+from lexlora.errors import ConfigError
+
+ROOT_CONFIGS = ["configs/smoke.yaml", "configs/file_description.yaml"]
+
+
+def test_public_overrides_apply(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 4\ndata:\n  path: a.jsonl\n")
+    config = load_config(path, ["lora.r=16", "data.path=other.jsonl", "train.max_steps=20", "output_dir=out/x"])
+    assert (config.lora.r, config.data.path, config.train.max_steps, config.output_dir) == (16, "other.jsonl", 20, "out/x")
+
+
+def test_yaml_values_kept_when_not_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora:\n  r: 4\n  target_modules: [q, v]\nfusion:\n  mode: prefix\n")
+    config = load_config(path)
+    assert config.lora.r == 4 and config.lora.target_modules == ["q", "v"] and config.fusion.mode == "prefix"
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("lora.r=abc", "lora.r"),
+        ("lora.rank=3", "rank"),
+        ("fusion.mode=middle", "fusion.mode"),
+        ("lora.r=0", "lora.r"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("no_equals_sign", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", ROOT_CONFIGS)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / path)
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(config_to_yaml(config))
+    assert load_config(saved) == config
+
+
+def test_file_description_config_is_the_seed_setup():
+    from tests.conftest import ROOT
+
+    config = load_config(ROOT / "configs/file_description.yaml")
+    assert config.data.target_field == "file_desc" and config.data.lexical_field == "filename"
+    assert config.data.splits == {"train": "[:85%]", "validation": "[85%:95%]", "test": "[95%:]"}
+    assert config.data.input_template.startswith("Given the following filename")
+    assert config.model.random_init is False

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from tests.helpers import batch, make_model, perturb_
+
+
+@pytest.mark.parametrize("mode", ["add", "first", None])
+def test_fresh_adapter_computes_exactly_what_the_base_computes(tiny_base, tokenizer, mode):
+    ids, mask, lexical, labels = batch(tokenizer)
+    with torch.no_grad():
+        expected = tiny_base(input_ids=ids, attention_mask=mask, labels=labels).logits
+    model = make_model(tiny_base, tokenizer, mode).eval()
+    with torch.no_grad():
+        got = model(ids, mask, labels=labels, lexical_embeds=lexical if mode else None).logits
+    assert torch.equal(got, expected)
+
+
+def test_only_lora_and_fusion_parameters_train(tiny_base, tokenizer):
+    model = make_model(tiny_base, tokenizer)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "lexical_fusion" in n for n in trainable)
+    assert any("lexical_fusion" in n for n in trainable)
+    trainable_count, total = model.parameter_counts()
+    assert trainable_count == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable_count < total
+
+
+def test_fusion_changes_the_output_once_trained(tiny_base, tokenizer):
+    ids, mask, lexical, labels = batch(tokenizer)
+    model = make_model(tiny_base, tokenizer).eval()
+    perturb_(model)
+    with torch.no_grad():
+        a = model(ids, mask, labels=labels, lexical_embeds=lexical).logits
+        b = model(ids, mask, labels=labels, lexical_embeds=torch.zeros_like(lexical)).logits
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("mode", ["add", "first", "prefix"])
+def test_greedy_generate_matches_step_by_step_decoding(tiny_base, tokenizer, mode):
+    ids, mask, lexical, _ = batch(tokenizer)
+    model = make_model(tiny_base, tokenizer, mode).eval()
+    perturb_(model)
+    out = model.generate(ids, mask, lexical, max_new_tokens=6, num_beams=1, do_sample=False)
+    decoder = torch.full((2, 1), tiny_base.config.decoder_start_token_id)
+    with torch.no_grad():
+        for _ in range(out.shape[1] - 1):
+            logits = model(ids, mask, lexical_embeds=lexical, decoder_input_ids=decoder).logits
+            decoder = torch.cat([decoder, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    for row in range(2):
+        length = int((out[row] != tokenizer.pad_token_id).sum()) + 1
+        assert out[row, :length].tolist() == decoder[row, :length].tolist()
+
+
+def test_beam_search_is_batched_and_row_independent(tiny_base, tokenizer):
+    ids, mask, lexical, _ = batch(tokenizer)
+    model = make_model(tiny_base, tokenizer, "prefix").eval()
+    perturb_(model)
+    both = model.generate(ids, mask, lexical, max_new_tokens=6, num_beams=3, do_sample=False)
+    alone = model.generate(ids[1:, : int(mask[1].sum())], mask[1:, : int(mask[1].sum())], lexical[1:],
+                           max_new_tokens=6, num_beams=3, do_sample=False)
+    assert both.shape[0] == 2
+    assert both[1, : alone.shape[1]].tolist() == alone[0].tolist()
+
+
+def test_generate_text_formats_raw_records(tiny_base, tokenizer):
+    model = make_model(tiny_base, tokenizer, mode=None).eval()
+    texts = model.generate_text(["backup_config", {"filename": "notes.txt"}], max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    from lexlora.errors import DataError
+
+    with pytest.raises(DataError, match="field 'filename'"):
+        model.generate_text([{"name": "x"}])
