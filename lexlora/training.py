@@ -254,6 +254,7 @@ def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader
     running = torch.zeros((), device=accelerator.device)
     micro_batches = 0
     last_loss = math.nan
+    eval_seconds = 0.0
     started = time.perf_counter()
     model.train()
     while step < total_steps:
@@ -290,7 +291,9 @@ def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader
                 break
         epoch += 1
         if val_loader is not None:
+            eval_started = time.perf_counter()
             val = validation_loss(model, val_loader, accelerator)
+            eval_seconds += time.perf_counter() - eval_started
             improved = val < best_val
             if improved:
                 best_val = val
@@ -300,14 +303,15 @@ def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader
             log.write(**record)
             accelerator.print(f"epoch {epoch} step {step}: val_loss {val:.4f}{' (best)' if improved else ''}")
     progress.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds
     if best_state is not None:
         unwrapped.load_trainable_state_dict(best_state, source="best checkpoint")
     metrics: dict[str, Any] = {
         "steps": step,
         "epochs": epoch,
         "train_loss": last_loss,
-        "train_seconds": round(seconds, 3),
+        "train_seconds": round(seconds, 3),  # excluding validation
+        "eval_seconds": round(eval_seconds, 3),
         "seconds_per_step": round(seconds / max(step, 1), 4),
         "best_val_loss": best_val if best_state is not None else None,
     }
