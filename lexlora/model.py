@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lexlora.base import default_target_modules
 from lexlora.config import LoraSettings
 from lexlora.data import PromptTemplate
-from lexlora.errors import AdapterError, DataError
+from lexlora.errors import AdapterError, ConfigError, DataError
 from lexlora.fusion import LexicalFusion
 
 FUSION_PREFIX = "lexical_fusion."
@@ -56,8 +56,6 @@ def build_lora_config(settings: LoraSettings, model_type: str, base_id: str) -> 
             **dict(settings.extra),
         )
     except (TypeError, ValueError) as exc:
-        from lexlora.errors import ConfigError
-
         raise ConfigError(f"invalid LoRA settings (lora.*): {exc}") from None
 
 
@@ -92,8 +90,6 @@ class LexLoraModel(nn.Module):
         try:
             peft_model = get_peft_model(base, lora_config)
         except ValueError as exc:  # e.g. target modules not found in the base
-            from lexlora.errors import ConfigError
-
             raise ConfigError(f"could not add LoRA to {lora_config.base_model_name_or_path}: {exc}") from None
         fusion = None
         if spec.fusion_enabled:

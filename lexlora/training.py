@@ -94,10 +94,23 @@ def validation_loss(model, loader: DataLoader, accelerator: Accelerator) -> floa
     return float(total / tokens.clamp(min=1))
 
 
-def prepare_data(cfg: Config, tokenizer, device) -> tuple[dict[str, EncodedSplit], Any, str | None, int | None, dict]:
+@dataclass
+class PreparedData:
+    splits: dict[str, EncodedSplit]
+    lexical_field: str | None
+    encoder: LexicalEncoder | None
+    dataset_info: dict[str, Any]
+
+    @property
+    def embedding_dim(self) -> int | None:
+        vectors = self.splits["train"].lexical_embeds
+        return int(vectors.shape[-1]) if vectors is not None else None
+
+
+def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
     """Read + validate records (before any model work), embed, tokenize."""
     splits, template, lexical_field = load_splits(cfg.data, cfg.fusion.enabled)
-    embedding_dim = None
+    encoder = None
     vectors: dict[str, torch.Tensor] = {}
     if cfg.fusion.enabled:
         encoder = LexicalEncoder(
@@ -106,7 +119,6 @@ def prepare_data(cfg: Config, tokenizer, device) -> tuple[dict[str, EncodedSplit
         started = time.perf_counter()
         for name, records in splits.items():
             vectors[name] = encoder.encode([r.fields[lexical_field] for r in records])
-        embedding_dim = int(next(iter(vectors.values())).shape[-1])
         logger.info(
             "lexical embeddings (%s): %d texts encoded, the rest from the cache, in %.1fs",
             cfg.fusion.embedding_model, encoder.encoded_count, time.perf_counter() - started,
@@ -121,7 +133,7 @@ def prepare_data(cfg: Config, tokenizer, device) -> tuple[dict[str, EncodedSplit
         "sha256": file_sha256(path) if path.is_file() else None,
         "splits": {name: len(records) for name, records in splits.items()},
     }
-    return encoded, template, lexical_field, embedding_dim, dataset_info
+    return PreparedData(encoded, lexical_field, encoder, dataset_info)
 
 
 def refuse_fp16_for_t5(cfg: Config) -> None:
@@ -153,30 +165,31 @@ def train(cfg: Config) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     # The main process fills the embedding cache first; the others then read it.
     with accelerator.main_process_first():
-        encoded, template, lexical_field, embedding_dim, dataset_info = prepare_data(cfg, tokenizer, accelerator.device)
+        data = prepare_data(cfg, tokenizer, accelerator.device)
 
     base = load_base_model(cfg.model)
     base_fp = fingerprint(base, cfg.model)
     spec = AdapterSpec(
         input_template=cfg.data.input_template,
         target_field=cfg.data.target_field,
-        lexical_field=lexical_field,
+        lexical_field=data.lexical_field,
         fusion_mode=cfg.fusion.mode if cfg.fusion.enabled else None,
         embedding_model=cfg.fusion.embedding_model if cfg.fusion.enabled else None,
-        embedding_dim=embedding_dim,
+        embedding_dim=data.embedding_dim,
     )
     lora_config = build_lora_config(cfg.lora, base.config.model_type, cfg.model.name_or_path)
     model = LexLoraModel.create(base, tokenizer, lora_config, spec)
+    model.lexical_encoder = data.encoder
     trainable, total = model.parameter_counts()
     accelerator.print(describe_counts(trainable, total))
 
     collator = LexicalCollator(tokenizer, cfg.data.pad_to_multiple_of)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     train_loader = DataLoader(
-        encoded["train"], batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
+        data.splits["train"], batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
         generator=generator, num_workers=cfg.train.num_workers,
     )
-    val_split = encoded.get("validation")
+    val_split = data.splits.get("validation")
     val_loader = (
         DataLoader(val_split, batch_size=cfg.train.eval_batch_size, collate_fn=collator, num_workers=cfg.train.num_workers)
         if val_split is not None
@@ -218,16 +231,16 @@ def train(cfg: Config) -> TrainResult:
         accelerator.wait_for_everyone()
         output_dir = Path(cfg.output_dir)
         if main:
-            samples = _samples(unwrapped, val_split, cfg, lexical_field) if val_split is not None else []
+            resolved = config_to_dict(cfg)
             metadata = {
                 "base": base_fp,
                 "lora": asdict(cfg.lora),
-                "dataset": dataset_info,
-                "training": config_to_dict(cfg)["train"],
-                "generation": config_to_dict(cfg)["generation"],
-                "data": {k: v for k, v in config_to_dict(cfg)["data"].items() if k not in ("path",)},
+                "dataset": data.dataset_info,
+                "training": resolved["train"],
+                "generation": resolved["generation"],
+                "data": {k: v for k, v in resolved["data"].items() if k != "path"},
                 "metrics": metrics,
-                "samples": samples,
+                "samples": _samples(unwrapped, val_split, cfg) if val_split is not None else [],
             }
             size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
             publish(staging, output_dir, cfg.overwrite_output_dir)
@@ -319,24 +332,15 @@ def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader
     return metrics
 
 
-def _samples(model: LexLoraModel, split: EncodedSplit, cfg: Config, lexical_field: str | None) -> list[dict[str, str]]:
+def _samples(model: LexLoraModel, split: EncodedSplit, cfg: Config) -> list[dict[str, str]]:
+    """A few validation rows with the final adapter's output, for the model card."""
     records = [r.fields for r in split.records[:SAMPLES_IN_CARD]]
-    if not records:
-        return []
-    lexical = split.lexical_embeds[: len(records)] if split.lexical_embeds is not None else None
-    device = next(model.parameters()).device
-    enc = model.tokenizer(
-        [model.template.format(r) for r in records], return_tensors="pt", padding=True,
-        truncation=True, max_length=cfg.data.max_source_length,
-    ).to(device)
-    model.eval()
-    ids = model.generate(
-        enc["input_ids"], enc["attention_mask"], lexical.to(device) if lexical is not None else None,
+    outputs = model.generate_text(
+        records, max_source_length=cfg.data.max_source_length,
         max_new_tokens=cfg.generation.max_new_tokens, num_beams=cfg.generation.num_beams,
     )
-    outputs = model.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    field = lexical_field or model.template.fields[0]
+    field = model.spec.lexical_field or model.template.fields[0]
     return [
-        {"input": r[field], "reference": r[cfg.data.target_field], "output": o.strip()}
+        {"input": r[field], "reference": r[cfg.data.target_field], "output": o}
         for r, o in zip(records, outputs)
     ]

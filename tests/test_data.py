@@ -4,7 +4,7 @@ import torch
 from lexlora.config import DataConfig
 from lexlora.data import LexicalCollator, PromptTemplate, encode_split, load_splits, split_records
 from lexlora.errors import ConfigError, DataError
-from lexlora.records import Record, read_records
+from lexlora.records import Record
 from tests.conftest import FILE_DESCRIPTIONS, requires_shared_data
 
 SEED_PROMPT = (
