@@ -93,6 +93,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     log_every: int = 10
     num_workers: int = 0
+    # Torch threads per process when training on CPU; None: the usable cores / processes
+    # (`accelerate launch` without a config file pins OMP_NUM_THREADS=1, halving speed on 2 cores).
+    cpu_threads: Optional[int] = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -136,6 +137,14 @@ def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
     return PreparedData(encoded, lexical_field, encoder, dataset_info)
 
 
+def set_cpu_threads(requested: int | None, num_processes: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = requested or max(1, cores // num_processes)
+    torch.set_num_threads(threads)
+    logger.info("CPU training: %d torch thread(s) per process", threads)
+    return threads
+
+
 def refuse_fp16_for_t5(cfg: Config) -> None:
     from transformers import AutoConfig
 
@@ -159,6 +168,8 @@ def train(cfg: Config) -> TrainResult:
     except ValueError as exc:  # e.g. fp16 without a GPU
         raise ConfigError(f"train.mixed_precision={mixed_precision}: {exc}") from None
     main = accelerator.is_main_process
+    if accelerator.device.type == "cpu":
+        set_cpu_threads(cfg.train.cpu_threads, accelerator.num_processes)
     set_seed(cfg.train.seed)
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
 

@@ -92,3 +92,14 @@ def test_existing_output_dir_is_refused(tmp_path, stdlib_data):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(Exception, match="already exists"):
         train(config)
+
+
+def test_cpu_threads_default_to_the_usable_cores():
+    from lexlora.training import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1, 1) == 1 and torch.get_num_threads() == 1
+        assert set_cpu_threads(None, 1) >= 1
+    finally:
+        torch.set_num_threads(before)
