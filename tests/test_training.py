@@ -103,3 +103,11 @@ def test_cpu_threads_default_to_the_usable_cores():
         assert set_cpu_threads(None, 1) >= 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, stdlib_data):
+    config = tiny_train_config(tmp_path, stdlib_data, max_steps=3, gradient_accumulation_steps=2)
+    config.fusion.enabled = False
+    result = train(config)
+    assert result.metrics["steps"] == 3
+    assert [r["step"] for r in read_log(result.output_dir / "metrics.jsonl") if "loss" in r] == [2, 3]
