@@ -142,6 +142,8 @@ def tokenize(
     max_target_length: int,
 ) -> Tokenized:
     sources = tokenizer(list(prompts), truncation=True, max_length=max_source_length)
+    # Tokenized twice to count truncations: transformers 5 tokenizers no longer expose
+    # build_inputs_with_special_tokens to finish a manually truncated sequence; targets are short.
     full = tokenizer(text_target=list(targets), truncation=False)
     labels = tokenizer(text_target=list(targets), truncation=True, max_length=max_target_length)
     truncated = sum(len(a) > len(b) for a, b in zip(full["input_ids"], labels["input_ids"]))
