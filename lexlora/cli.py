@@ -42,11 +42,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from lexlora.adapters import base_config_from_metadata, load_adapter, read_metadata
     from lexlora.embeddings import LexicalEncoder
 
-    meta = read_metadata(args.adapter)
-    base_config = base_config_from_metadata(meta)
+    base_config = None
     if args.base:
+        base_config = base_config_from_metadata(read_metadata(args.adapter))
         base_config.name_or_path = args.base
     model = load_adapter(args.adapter, base_config=base_config)
+    meta = model.metadata
     if args.device:
         model.to(args.device)
     spec = model.spec

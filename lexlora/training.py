@@ -229,7 +229,7 @@ def train(cfg: Config) -> TrainResult:
         if staging is not None:
             (staging / "config.yaml").write_text(config_to_yaml(cfg))
             logger.info("training log: %s (moved to %s at the end)", staging / "metrics.jsonl", cfg.output_dir)
-        metrics = _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader, val_loader, total_steps, log)
+        metrics = _loop(cfg, accelerator, model, unwrapped, params, optimizer, scheduler, train_loader, val_loader, total_steps, log)
         metrics.update(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
              "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes}
@@ -268,8 +268,7 @@ def train(cfg: Config) -> TrainResult:
             logger.warning("run did not finish; its log is in %s", failed)
 
 
-def _loop(cfg, accelerator, model, unwrapped, optimizer, scheduler, train_loader, val_loader, total_steps, log) -> dict[str, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _loop(cfg, accelerator, model, unwrapped, params, optimizer, scheduler, train_loader, val_loader, total_steps, log) -> dict[str, Any]:
     progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
     step = epoch = 0
     best_val = math.inf
