@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,16 +213,23 @@ def base_config_from_metadata(meta: dict[str, Any]) -> ModelConfig:
     )
 
 
-def load_adapter(
-    adapter_dir: str | Path,
-    base=None,
-    tokenizer=None,
-    base_config: ModelConfig | None = None,
-) -> LexLoraModel:
-    """Load an adapter onto a frozen base (the one named in its metadata unless `base` is given).
+@dataclass
+class AdapterFiles:
+    """An adapter dir read and checked, before anything is loaded onto a base."""
 
-    Refuses, with an AdapterError, a dir that is incomplete or corrupted, or whose base fingerprint
-    differs from the loaded base."""
+    path: Path
+    meta: dict[str, Any]
+    spec: AdapterSpec
+    lora_config: LoraConfig
+    state: dict[str, torch.Tensor]
+
+    @property
+    def weights_bytes(self) -> int:
+        return (self.path / WEIGHTS_NAME).stat().st_size
+
+
+def read_adapter_dir(adapter_dir: str | Path) -> AdapterFiles:
+    """Read an adapter dir; an AdapterError says what is missing or corrupted."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     spec = spec_from_metadata(meta, str(adapter_dir))
@@ -239,19 +247,34 @@ def load_adapter(
             f"{adapter_dir}: {META_NAME} says fusion is {'on' if spec.fusion_enabled else 'off'} "
             f"but the weights {'have' if has_fusion else 'lack'} a fusion projection"
         )
+    return AdapterFiles(adapter_dir, meta, spec, lora_config, state)
 
-    base_config = base_config or base_config_from_metadata(meta)
+
+def load_adapter(
+    adapter_dir: str | Path,
+    base=None,
+    tokenizer=None,
+    base_config: ModelConfig | None = None,
+) -> LexLoraModel:
+    """Load one adapter onto a frozen base (the one named in its metadata unless `base` is given), as
+    a PEFT model. For many adapters on one base, see `lexlora.registry.LexLoRA`.
+
+    Refuses, with an AdapterError, a dir that is incomplete or corrupted, or whose base fingerprint
+    differs from the loaded base."""
+    files = read_adapter_dir(adapter_dir)
+    base_config = base_config or base_config_from_metadata(files.meta)
     if base is None:
         base = load_base_model(base_config)
-    check_fingerprint(meta["base"], fingerprint(base, base_config), str(adapter_dir))
+    check_fingerprint(files.meta["base"], fingerprint(base, base_config), str(files.path))
     if tokenizer is None:
         tokenizer = load_tokenizer(base_config)
+    lora_config = files.lora_config
     lora_config.inference_mode = False
-    model = LexLoraModel.create(base, tokenizer, lora_config, spec)
-    model.load_trainable_state_dict(state, source=str(adapter_dir / WEIGHTS_NAME))
+    model = LexLoraModel.create(base, tokenizer, lora_config, files.spec)
+    model.load_trainable_state_dict(files.state, source=str(files.path / WEIGHTS_NAME))
     model.requires_grad_(False)
     model.eval()
-    model.metadata = meta
+    model.metadata = files.meta
     return model
 
 

@@ -117,7 +117,8 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], adapter_di
 
     def describe(fp: dict[str, Any]) -> str:
         init = f"random init, seed {fp.get('init_seed')}" if fp.get("random_init") else "pretrained weights"
-        return f"{fp.get('model_id')} ({fp.get('model_type')}, vocab {fp.get('vocab_size')}, {init})"
+        overrides = f", config overrides {fp['config_overrides']}" if fp.get("config_overrides") else ""
+        return f"{fp.get('model_id')} ({fp.get('model_type')}, vocab {fp.get('vocab_size')}, {init}{overrides})"
 
     for key, what in (
         ("model_type", "model type"),
@@ -126,8 +127,12 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], adapter_di
         ("weights_sha256", "weights"),
     ):
         if saved.get(key) != current.get(key):
+            values = [str(fp.get(key)) for fp in (saved, current)]
+            if key.endswith("sha256"):
+                values = [v[:12] for v in values]
             raise AdapterError(
-                f"{adapter_dir}: this adapter was trained on a different base ({what} differ).\n"
+                f"{adapter_dir}: this adapter was trained on a different base ({what} differ: "
+                f"{values[0]} vs {values[1]}).\n"
                 f"  adapter's base: {describe(saved)}\n  loaded base:    {describe(current)}\n"
                 "Load it onto the base it was trained on."
             )

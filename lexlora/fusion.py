@@ -4,6 +4,7 @@ encoder input. Zero-initialised, so a fresh adapter computes exactly what the ba
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lexlora.config import FUSION_MODES
@@ -35,20 +36,35 @@ class LexicalFusion(nn.Module):
         lexical_embeds: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, seq, d) token embeddings + (batch, embed_dim) vectors -> fused embeddings, mask."""
-        if lexical_embeds.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"lexical embeddings have {lexical_embeds.shape[-1]} dims; this fusion projection takes {self.embed_dim}"
-            )
-        lexical = self.proj(lexical_embeds.to(self.proj.weight.dtype)).to(inputs_embeds.dtype)
-        lexical = lexical.unsqueeze(1)  # (batch, 1, d)
-        if self.mode == "add":
-            return inputs_embeds + lexical, attention_mask
-        if self.mode == "first":
-            # Concatenate rather than write in place: autograd-friendly and leaves the input intact.
-            first = inputs_embeds[:, :1] + lexical
-            return torch.cat([first, inputs_embeds[:, 1:]], dim=1), attention_mask
-        ones = attention_mask.new_ones(attention_mask.shape[0], 1)
-        return torch.cat([lexical, inputs_embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+        return fuse(self.mode, self.proj.weight, self.proj.bias, inputs_embeds, attention_mask, lexical_embeds)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+def fuse(
+    mode: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    lexical_embeds: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fusion as a function of the projection's weights (computed in their dtype), so hot-swapped
+    adapters can keep theirs as saved and cast them per call."""
+    if lexical_embeds.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"lexical embeddings have {lexical_embeds.shape[-1]} dims; this fusion projection takes {weight.shape[1]}"
+        )
+    lexical = F.linear(lexical_embeds.to(weight.dtype), weight, bias).to(inputs_embeds.dtype)
+    lexical = lexical.unsqueeze(1)  # (batch, 1, d)
+    if mode == "add":
+        return inputs_embeds + lexical, attention_mask
+    if mode == "first":
+        # Concatenate rather than write in place: autograd-friendly and leaves the input intact.
+        first = inputs_embeds[:, :1] + lexical
+        return torch.cat([first, inputs_embeds[:, 1:]], dim=1), attention_mask
+    if mode == "prefix":
+        ones = attention_mask.new_ones(attention_mask.shape[0], 1)
+        return torch.cat([lexical, inputs_embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+    raise ValueError(f"fusion mode must be one of {FUSION_MODES}, got {mode!r}")

@@ -39,6 +39,40 @@ class AdapterSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def template(self) -> PromptTemplate:
+        return PromptTemplate(self.input_template)
+
+    @property
+    def input_fields(self) -> list[str]:
+        """The record fields an input must have: the template's, plus the lexical field."""
+        fields = list(self.template.fields)
+        if self.lexical_field and self.lexical_field not in fields:
+            fields.append(self.lexical_field)
+        return fields
+
+    def format_inputs(self, inputs: Sequence[str | Mapping[str, str]]) -> list[dict[str, str]]:
+        """Raw inputs -> records: a string fills the adapter's single input field."""
+        fields = self.input_fields
+        return [self.format_input(item, index, fields) for index, item in enumerate(inputs)]
+
+    def format_input(self, item: Any, index: int = 0, fields: list[str] | None = None) -> dict[str, str]:
+        """One raw input (a string or a record) -> a record; `index` names it in errors."""
+        fields = fields if fields is not None else self.input_fields
+        if isinstance(item, str):
+            if len(fields) != 1:
+                raise DataError(
+                    f"input {index}: this adapter needs the fields {fields}; pass a record (a JSON object) "
+                    "rather than a plain string"
+                )
+            return {fields[0]: item}
+        if not isinstance(item, Mapping):
+            raise DataError(f"input {index}: expected a string or a record, got {type(item).__name__}")
+        for name in fields:
+            if not isinstance(item.get(name), str):
+                raise DataError(f"input {index}: field {name!r} is missing or not a string")
+        return {name: item[name] for name in fields}
+
 
 def build_lora_config(settings: LoraSettings, model_type: str, base_id: str) -> LoraConfig:
     targets = list(settings.target_modules) if settings.target_modules else default_target_modules(model_type)
@@ -183,29 +217,6 @@ class LexLoraModel(nn.Module):
         return self.peft_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
 
     # ---- raw records in, text out --------------------------------------------------------------
-    def format_inputs(self, inputs: Sequence[str | Mapping[str, str]]) -> list[dict[str, str]]:
-        """Raw inputs -> records: a string fills the adapter's single input field."""
-        fields = list(self.template.fields)
-        if self.spec.lexical_field and self.spec.lexical_field not in fields:
-            fields.append(self.spec.lexical_field)
-        records = []
-        for index, item in enumerate(inputs):
-            if isinstance(item, str):
-                if len(fields) != 1:
-                    raise DataError(
-                        f"input {index}: this adapter needs the fields {fields}; pass a record (a JSON object) "
-                        "rather than a plain string"
-                    )
-                records.append({fields[0]: item})
-                continue
-            if not isinstance(item, Mapping):
-                raise DataError(f"input {index}: expected a string or a record, got {type(item).__name__}")
-            for name in fields:
-                if not isinstance(item.get(name), str):
-                    raise DataError(f"input {index}: field {name!r} is missing or not a string")
-            records.append({name: item[name] for name in fields})
-        return records
-
     @torch.no_grad()
     def generate_text(
         self,
@@ -214,7 +225,7 @@ class LexLoraModel(nn.Module):
         max_source_length: int = 128,
         **generate_kwargs: Any,
     ) -> list[str]:
-        records = self.format_inputs(inputs)
+        records = self.spec.format_inputs(inputs)
         lexical = None
         if self.lexical_fusion is not None:
             if self.lexical_encoder is None:
