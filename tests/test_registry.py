@@ -1,0 +1,246 @@
+"""Many adapters on one frozen base: same outputs as each adapter loaded alone through PEFT, hot swap
+round trips, mixed-adapter batches, refused loads that leave the registry as it was, and the three
+dataset configs trained tiny and swapped."""
+
+import shutil
+
+import pytest
+import torch
+
+from lexlora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lexlora.base import fingerprint, load_base_model, load_tokenizer
+from lexlora.config import LoraSettings, load_config
+from lexlora.embeddings import LexicalEncoder
+from lexlora.errors import AdapterError, DataError
+from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
+from lexlora.registry import LexLoRA
+from tests.conftest import EMBEDDING_MODEL, ROOT, TINY_T5, requires_shared_data, tiny_model_config
+
+INPUTS = ["backup_config.json", "a_much_longer_file_name_for_padding.py", "notes.txt"]
+RECORDS = [{"file": f, "directory": d} for f, d in [("run.sh", "scripts"), ("README.md", "docs"), ("x.log", "var")]]
+
+
+def build_adapter(path, *, template, lexical_field, mode, r, seed, max_new_tokens=6, base_seed=0):
+    config = tiny_model_config(seed=base_seed)
+    base = load_base_model(config)
+    spec = AdapterSpec(
+        input_template=template, target_field="description", lexical_field=lexical_field,
+        fusion_mode=mode, embedding_model=EMBEDDING_MODEL if mode else None, embedding_dim=384 if mode else None,
+    )
+    lora = build_lora_config(LoraSettings(r=r, alpha=2 * r, dropout=0.0), "t5", "google/flan-t5-small")
+    model = LexLoraModel.create(base, load_tokenizer(config), lora, spec)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # as training would leave them, strong enough that adapters disagree
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    meta = {"base": fingerprint(base, config), "generation": {"max_new_tokens": max_new_tokens}}
+    return save_adapter(model, path, meta)
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "desc": build_adapter(root / "desc", template="Describe {filename}:", lexical_field="filename",
+                              mode="add", r=4, seed=1),
+        "ctx": build_adapter(root / "ctx", template="File {file} in {directory}:", lexical_field="file",
+                             mode="prefix", r=6, seed=2, max_new_tokens=8),
+        "plain": build_adapter(root / "plain", template="Type of {filename}?", lexical_field=None,
+                               mode=None, r=4, seed=3),
+    }
+
+
+@pytest.fixture()
+def registry(adapter_dirs):
+    model = LexLoRA.from_config(tiny_model_config())
+    for name, path in adapter_dirs.items():
+        model.load_adapter(path, name=name)
+    return model
+
+
+def inputs_for(name):
+    return RECORDS if name == "ctx" else INPUTS
+
+
+def alone_through_peft(path, inputs, max_new_tokens):
+    model = load_adapter(path)
+    if model.spec.fusion_enabled:
+        model.lexical_encoder = LexicalEncoder(model.spec.embedding_model)
+    return model.generate_text(inputs, max_new_tokens=max_new_tokens)
+
+
+def test_each_adapter_gives_what_it_gives_alone(registry, adapter_dirs):
+    outputs = {}
+    for name, path in adapter_dirs.items():
+        max_new_tokens = registry.adapters[name].generation_defaults["max_new_tokens"]
+        outputs[name] = registry.generate(inputs_for(name), adapter=name)
+        assert outputs[name] == alone_through_peft(path, inputs_for(name), max_new_tokens)
+    assert outputs["desc"] != outputs["plain"]  # the adapters really differ, so the checks mean something
+
+
+def test_hot_swap_round_trip_is_exact(registry):
+    registry.set_adapter("desc")
+    first = registry.generate(INPUTS)
+    first_logits = registry.forward(INPUTS, targets=["a", "b", "c"]).logits
+    registry.set_adapter("plain")
+    other = registry.generate(INPUTS)
+    registry.set_adapter("desc")
+    assert registry.active_adapter == "desc"
+    assert registry.generate(INPUTS) == first
+    assert torch.equal(registry.forward(INPUTS, targets=["a", "b", "c"]).logits, first_logits)
+    assert other != first
+
+
+def test_mixed_batch_equals_per_adapter_runs(registry):
+    rows = [("desc", INPUTS[0]), ("ctx", RECORDS[0]), ("plain", INPUTS[1]), ("desc", INPUTS[2]),
+            ("ctx", RECORDS[1]), ("plain", INPUTS[2])]
+    names = [n for n, _ in rows]
+    mixed = registry.generate([x for _, x in rows], adapter=names)
+    for i, (name, item) in enumerate(rows):
+        assert mixed[i] == registry.generate([item], adapter=name)[0], f"row {i} ({name})"
+
+    # The logits too, not only the decoded text (max_new_tokens differ between adapters: 6 vs 8).
+    targets = ["a config backup"] * len(rows)
+    mixed_logits = registry.forward([x for _, x in rows], adapter=names, targets=targets).logits
+    for i, (name, item) in enumerate(rows):
+        alone = registry.forward([item], adapter=name, targets=targets[:1]).logits
+        torch.testing.assert_close(mixed_logits[i], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_batch_with_beams(registry):
+    names = ["desc", "plain", "desc"]
+    mixed = registry.generate(INPUTS, adapter=names, num_beams=3, max_new_tokens=5)
+    for i, name in enumerate(names):
+        assert mixed[i] == registry.generate([INPUTS[i]], adapter=name, num_beams=3, max_new_tokens=5)[0]
+
+
+def test_raw_records_are_formatted_by_each_adapter(registry):
+    with pytest.raises(DataError, match=r"needs the fields \['file', 'directory'\]"):
+        registry.generate(["run.sh"], adapter="ctx")
+    with pytest.raises(DataError, match="input 1: field 'directory' is missing"):
+        registry.generate([RECORDS[0], {"file": "x"}], adapter="ctx")
+    with pytest.raises(DataError, match="2 inputs but 1 adapter names"):
+        registry.generate(INPUTS[:2], adapter=["desc"])
+    with pytest.raises(DataError, match="not a single one"):
+        registry.generate("backup.json", adapter="desc")
+    # A record with extra fields is fine: the adapter takes the fields it needs.
+    assert registry.generate([{"filename": "a.py", "other": "x"}], adapter="desc") == registry.generate(["a.py"], adapter="desc")
+
+
+def test_list_set_and_delete(registry, adapter_dirs):
+    assert [a["name"] for a in registry.list_adapters()] == ["desc", "ctx", "plain"]
+    info = registry.adapters["ctx"].describe()
+    assert info["input_fields"] == ["file", "directory"] and info["fusion_mode"] == "prefix"
+    assert registry.active_adapter == "desc"  # the first loaded
+    registry.delete_adapter("desc")
+    assert "desc" not in registry and registry.active_adapter == "ctx"
+    with pytest.raises(AdapterError, match=r"no adapter named 'desc' is loaded \(loaded: ctx, plain\)"):
+        registry.generate(INPUTS, adapter="desc")
+    with pytest.raises(AdapterError, match="no adapter named 'nope'"):
+        registry.set_adapter("nope")
+    registry.delete_adapter("ctx")
+    registry.delete_adapter("plain")
+    assert len(registry) == 0 and registry.active_adapter is None
+    assert registry.router._hooks == {}
+    with pytest.raises(AdapterError, match="no adapter is loaded"):
+        registry.generate(INPUTS)
+    registry.load_adapter(adapter_dirs["plain"])  # reloads under its dir name
+    assert registry.generate(INPUTS) == registry.generate(INPUTS, adapter="plain")
+
+
+def test_memory_is_the_saved_weights(registry, adapter_dirs):
+    for name in adapter_dirs:
+        loaded = registry.adapters[name]
+        # Weights stay in the dtype they were saved in (float16, 2 bytes): memory is the file less its header.
+        assert loaded.metadata["weights"]["dtype"] == "float16"
+        assert loaded.memory_bytes == 2 * loaded.metadata["weights"]["parameters"] < loaded.file_bytes
+
+
+def corrupt_copy(src, dst, how):
+    shutil.copytree(src, dst)
+    if how == "flip-byte":
+        data = bytearray((dst / WEIGHTS_NAME).read_bytes())
+        data[-10] ^= 0xFF
+        (dst / WEIGHTS_NAME).write_bytes(bytes(data))
+    elif how == "no-config":
+        (dst / CONFIG_NAME).unlink()
+    elif how == "no-weights":
+        (dst / WEIGHTS_NAME).unlink()
+    return dst
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [("flip-byte", "checksum differs"), ("no-config", "adapter_config.json is missing"),
+     ("no-weights", "adapter_model.safetensors is missing")],
+)
+def test_refused_loads_leave_the_registry_intact(registry, adapter_dirs, tmp_path, how, message):
+    before = registry.generate(INPUTS, adapter=["desc", "plain", "desc"])
+    listing = registry.list_adapters()
+    bad = corrupt_copy(adapter_dirs["desc"], tmp_path / "bad", how)
+    with pytest.raises(AdapterError, match=message):
+        registry.load_adapter(bad)
+    with pytest.raises(AdapterError, match=message):  # also when it would replace a loaded one
+        registry.load_adapter(bad, name="desc", replace=True)
+    assert registry.list_adapters() == listing
+    assert registry.generate(INPUTS, adapter=["desc", "plain", "desc"]) == before
+
+
+def test_refuses_other_base_bad_names_and_duplicates(registry, tmp_path):
+    other = build_adapter(tmp_path / "other", template="Describe {filename}:", lexical_field="filename",
+                          mode="add", r=4, seed=1, base_seed=7)
+    listing = registry.list_adapters()
+    with pytest.raises(AdapterError, match=r"different base \(weights differ: "):
+        registry.load_adapter(other)
+    for bad_name in ("../x", "a/b", ".hidden", "", "x" * 200, "a..b"):
+        with pytest.raises(AdapterError, match="invalid adapter name"):
+            registry.load_adapter(other, name=bad_name)
+    with pytest.raises(AdapterError, match="already loaded"):
+        registry.load_adapter(tmp_path / "other", name="desc")
+    assert registry.list_adapters() == listing
+    assert len(registry.generate(INPUTS, adapter="desc")) == 3
+
+
+def test_replace_swaps_weights_under_a_name(registry, adapter_dirs):
+    plain_out = registry.generate(INPUTS, adapter="plain")
+    registry.load_adapter(adapter_dirs["plain"], name="desc", replace=True)
+    assert registry.generate(INPUTS, adapter="desc") == plain_out
+
+
+@requires_shared_data()
+def test_three_dataset_configs_train_tiny_and_hot_swap(tmp_path):
+    """configs/{file_description,file_context_description,file_type}.yaml, each trained a few steps
+    on a tiny base, then loaded together and swapped."""
+    from lexlora.training import train
+
+    overrides = [
+        "model.random_init=true", "train.max_steps=3", "train.batch_size=4", "train.eval_batch_size=8", "train.log_every=1",
+        "data.splits={train: '[:16]', validation: '[16:20]'}", "generation.max_new_tokens=4",
+    ]
+    names = {"file_description": "desc", "file_context_description": "ctx", "file_type": "type"}
+    registry = LexLoRA.from_config(tiny_model_config())
+    for config_name, name in names.items():
+        config = load_config(
+            ROOT / "configs" / f"{config_name}.yaml",
+            [*overrides, f"data.path={ROOT.parent / 'shared/data/file-descriptions' / (config_name + '.jsonl')}",
+             f"output_dir={tmp_path / name}"],
+        )
+        config.model.config_overrides = dict(TINY_T5)
+        train(config)
+        registry.load_adapter(tmp_path / name)
+    assert registry.adapters["ctx"].spec.input_fields == ["file", "directory", "app"]
+
+    desc_in = ["backup_config", "monitor_vscode"]
+    ctx_in = [{"file": "run.sh", "directory": "scripts", "app": "Visual Studio Code"}] * 2
+    type_in = ["backup_config.json", "monitor_vscode.sh"]
+    alone = {
+        "desc": registry.generate(desc_in, adapter="desc"),
+        "ctx": registry.generate(ctx_in, adapter="ctx"),
+        "type": registry.generate(type_in, adapter="type"),
+    }
+    registry.set_adapter("type")
+    registry.set_adapter("desc")
+    assert registry.generate(desc_in) == alone["desc"]
+    mixed = registry.generate([desc_in[0], ctx_in[0], type_in[0]], adapter=["desc", "ctx", "type"])
+    assert mixed == [alone["desc"][0], alone["ctx"][0], alone["type"][0]]
