@@ -12,7 +12,6 @@ adapter under the final name. Never unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,24 +30,20 @@ import lexlora
 from lexlora.base import check_fingerprint, fingerprint, load_base_model, load_tokenizer
 from lexlora.config import ModelConfig
 from lexlora.errors import AdapterError
+from lexlora.metadata import (  # noqa: F401  (re-exported: the adapter format's names)
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    META_NAME,
+    WEIGHTS_NAME,
+    file_sha256,
+    read_metadata,
+)
 from lexlora.model import FUSION_PREFIX, AdapterSpec, LexLoraModel
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-META_NAME = "lexlora.json"
-CARD_NAME = "README.md"
-FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_staging_dir(final: str | Path) -> Path:
@@ -149,33 +144,6 @@ def save_adapter(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"adapter dir not found: {adapter_dir}")
-    path = adapter_dir / META_NAME
-    if not path.is_file():
-        raise AdapterError(f"{adapter_dir}: {META_NAME} is missing; not a lexlora adapter dir")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise AdapterError(f"{path}: format_version is missing")
-    if version > FORMAT_VERSION:
-        raise AdapterError(
-            f"{path}: adapter format version {version} is newer than this lexlora understands "
-            f"({FORMAT_VERSION}); upgrade lexlora"
-        )
-    for key in ("base", "adapter", "weights"):
-        if not isinstance(meta.get(key), dict):
-            raise AdapterError(f"{path}: key {key!r} is missing or not an object")
-    return meta
 
 
 def read_weights(adapter_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
