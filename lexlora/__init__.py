@@ -9,6 +9,16 @@ __all__ = [
     "AdapterError",
     "ConfigError",
     "DataError",
+    "LexLoRA",
     "LexloraError",
     "ModelLoadError",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: it pulls in torch and transformers, which `lexlora adapters list` avoids.
+    if name == "LexLoRA":
+        from lexlora.registry import LexLoRA
+
+        return LexLoRA
+    raise AttributeError(f"module 'lexlora' has no attribute {name!r}")

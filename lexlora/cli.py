@@ -1,4 +1,5 @@
-"""`lexlora` command line: train, generate. Errors from bad input are printed without a traceback."""
+"""`lexlora` command line: train, generate, adapters list/show, serve. Errors from bad input are
+printed without a traceback."""
 
 from __future__ import annotations
 
@@ -67,6 +68,42 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_adapters_list(args: argparse.Namespace) -> int:
+    from lexlora.catalog import format_table, list_adapters
+
+    rows = list_adapters(args.dir)
+    for row in rows:
+        if "error" in row:
+            print(f"lexlora: warning: {row['error']}", file=sys.stderr)
+    if not rows:
+        print(f"lexlora: no adapter dirs in {args.dir}", file=sys.stderr)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def run_adapters_show(args: argparse.Namespace) -> int:
+    from lexlora.catalog import describe_adapter, format_details
+
+    info = describe_adapter(args.dir, verify=True)
+    if info["checksum"] != "ok":
+        print(f"lexlora: warning: {args.dir}: weights checksum: {info['checksum']}", file=sys.stderr)
+    print(json.dumps(info, indent=2) if args.json else format_details(info))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from lexlora.serve import serve  # fastapi/uvicorn are only imported by the server
+
+    return serve(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parse_input(text: str):
     """A JSON object is a record (for multi-field templates); anything else is the input field."""
     stripped = text.strip()
@@ -97,6 +134,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=32)
     gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
     gen.set_defaults(func=run_generate)
+
+    adapters = sub.add_parser("adapters", help="what each adapter is: base, dataset, rank, size, metrics")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = adapters_sub.add_parser("list", help="one line per adapter dir in DIR")
+    listing.add_argument("dir", metavar="DIR", nargs="?", default="adapters", help="default: adapters")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=run_adapters_list)
+    show = adapters_sub.add_parser("show", help="everything about one adapter; verifies its weights checksum")
+    show.add_argument("dir", metavar="DIR", help="adapter directory")
+    show.add_argument("--json", action="store_true", help="print JSON instead of key/value lines")
+    show.set_defaults(func=run_adapters_show)
+
+    srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
+    srv.add_argument(
+        "--adapters", required=True, metavar="DIR", help="dir of adapter dirs; each is loaded under its dir name"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="default: 8000")
+    srv.add_argument("--base", metavar="MODEL_ID", help="base model id or path (default: the first adapter's)")
+    srv.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    srv.add_argument("--max-inputs", type=_positive_int, default=64, help="inputs per request (default: 64)")
+    srv.add_argument(
+        "--max-input-chars", type=_positive_int, default=1000, help="characters per input string (default: 1000)"
+    )
+    srv.add_argument("--max-batch-rows", type=_positive_int, default=32, help="rows per model call (default: 32)")
+    srv.add_argument(
+        "--batch-wait-ms", type=float, default=5.0,
+        help="how long a request waits for others to join its batch (default: 5)",
+    )
+    srv.set_defaults(func=run_serve)
     return parser
 
 

@@ -197,7 +197,7 @@ class LexLoRA:
         return dict(self._adapters)
 
     def list_adapters(self) -> list[dict[str, Any]]:
-        return [a.describe() for a in self._adapters.values()]
+        return [a.describe() for a in list(self._adapters.values())]
 
     def __contains__(self, name: object) -> bool:
         return name in self._adapters

@@ -13,7 +13,7 @@ from lexlora.config import LoraSettings, load_config
 from lexlora.embeddings import LexicalEncoder
 from lexlora.errors import AdapterError, DataError
 from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
-from lexlora.registry import LexLoRA
+from lexlora import LexLoRA
 from tests.conftest import EMBEDDING_MODEL, ROOT, TINY_T5, requires_shared_data, tiny_model_config
 
 INPUTS = ["backup_config.json", "a_much_longer_file_name_for_padding.py", "notes.txt"]
