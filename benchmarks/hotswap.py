@@ -104,6 +104,18 @@ def bench_lexlora(dirs: list[Path], model_config: ModelConfig, repeats: int) -> 
     results["load_ms_first"] = load_times[0]
     results["load_ms_last"] = load_times[-1]
 
+    # Switching has no deferred cost: a one-row generate right after a switch vs on the same adapter.
+    one = {"max_new_tokens": 8, "min_new_tokens": 8}
+    registry.set_adapter(dirs[0].name)
+    registry.generate(["warm_up.py"], **one)
+    same = [timed_ms(lambda: registry.generate(["backup_config.py"], **one)) for _ in range(repeats // 2)]
+    switched = []
+    for name in _alternate(dirs[1:-1], repeats // 2):
+        registry.set_adapter(name)
+        switched.append(timed_ms(lambda: registry.generate(["backup_config.py"], **one)))
+    results["generate_same_ms"] = median(same)
+    results["generate_switched_ms"] = median(switched)
+
     # Mixed-adapter batch of 32 over 4 adapters vs one adapter for all 32 rows.
     inputs = [f"report_{i:02d}_{kind}.py" for i, kind in enumerate(["backup", "config", "monitor", "sync"] * 8)]
     names = [d.name for d in dirs[:4]]
@@ -185,6 +197,8 @@ def main() -> None:
     print(f"| switch active adapter, {n} loaded (ms) | {ours['swap_ms_50']:.4f} | {peft['peft_swap_ms_50']:.2f} |")
     print(f"| load an adapter dir, 1 loaded (ms) | {ours['load_ms']:.1f} | {peft['peft_load_ms']:.1f} |")
     print(f"| load an adapter dir, {n} loaded (ms) | {ours['load_ms_50']:.1f} | {peft['peft_load_ms_50']:.1f} |")
+    print(f"| one-row generate (8 tokens) on the same adapter (ms) | {ours['generate_same_ms']:.1f} | - |")
+    print(f"| one-row generate right after switching adapter (ms) | {ours['generate_switched_ms']:.1f} | - |")
     print(f"| memory added per adapter, RSS (MB) | {ours['mem_per_adapter_mb']:.2f} | - |")
     print(f"| adapter weights in memory / file (MB) | {ours['tensor_mb']:.2f} / {ours['file_mb']:.2f} | - |")
     print(f"| batch of 32, one adapter (rows/s) | {ours['single_rows_per_s']:.1f} | - |")
