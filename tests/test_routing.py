@@ -32,6 +32,16 @@ def two_adapters(tiny_base, tokenizer):
     return first, second, tiny_base
 
 
+def attached(two_adapters):
+    """A router on the clean base with both adapters attached."""
+    first, second, base = two_adapters
+    router = LoraRouter(base)
+    a, b = weights_of(first, base), weights_of(second, base)
+    router.attach(a)
+    router.attach(b)
+    return router, a, b
+
+
 def logits(model, ids, mask, labels):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, labels=labels).logits
@@ -53,12 +63,9 @@ def test_one_adapter_matches_peft_exactly(two_adapters, tokenizer):
 
 
 def test_mixed_rows_match_each_adapter_alone(two_adapters, tokenizer):
-    first, second, base = two_adapters
+    router, a, b = attached(two_adapters)
+    base = router.base
     ids, mask, _, labels = batch(tokenizer)
-    router = LoraRouter(base)
-    a, b = weights_of(first, base), weights_of(second, base)
-    router.attach(a)
-    router.attach(b)
     with router.route([a, a]):
         alone_a = logits(base, ids, mask, labels)
     with router.route([b, b]):
@@ -77,12 +84,9 @@ def test_mixed_rows_match_each_adapter_alone(two_adapters, tokenizer):
 
 def test_beam_search_expands_rows(two_adapters, tokenizer):
     """Decoder layers see each row once per beam; every beam keeps its row's adapter."""
-    first, second, base = two_adapters
+    router, a, b = attached(two_adapters)
+    base = router.base
     ids, mask, _, _ = batch(tokenizer)
-    router = LoraRouter(base)
-    a, b = weights_of(first, base), weights_of(second, base)
-    router.attach(a)
-    router.attach(b)
     kwargs = {"max_new_tokens": 5, "num_beams": 3, "do_sample": False}
     outs = {}
     for name, rows in {"a": [a, a], "b": [b, b], "mixed": [a, b]}.items():
@@ -93,11 +97,8 @@ def test_beam_search_expands_rows(two_adapters, tokenizer):
 
 
 def test_detach_removes_hooks_when_unused(two_adapters):
-    first, second, base = two_adapters
-    router = LoraRouter(base)
-    a, b = weights_of(first, base), weights_of(second, base)
-    router.attach(a)
-    router.attach(b)
+    router, a, b = attached(two_adapters)
+    base = router.base
     router.detach(a)
     assert len(router._hooks) == len(b.deltas)
     router.detach(b)
