@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -50,7 +49,6 @@ class LoadedAdapter:
     lora: LoraWeights
     fusion: dict[str, torch.Tensor] = field(default_factory=dict)  # proj.weight / proj.bias, as saved
     file_bytes: int = 0
-    load_ms: float = 0.0
 
     @property
     def max_source_length(self) -> int:
@@ -139,7 +137,6 @@ class LexLoRA:
         """Load an adapter dir under `name` (default: the dir's name). Refuses, leaving the registry as
         it was, a name already loaded (unless `replace`), an incomplete or corrupted dir, or an
         adapter trained on another base."""
-        started = time.perf_counter()
         adapter_dir = Path(adapter_dir)
         name = name if name is not None else adapter_dir.name
         check_adapter_name(name)
@@ -148,7 +145,6 @@ class LexLoRA:
         files = read_adapter_dir(adapter_dir)
         check_fingerprint(files.meta["base"], self.base_fingerprint, str(adapter_dir))
         loaded = self._build(name, files)
-        loaded.load_ms = (time.perf_counter() - started) * 1000
         if name in self._adapters:
             self.router.detach(self._adapters[name].lora)
         self.router.attach(loaded.lora)
