@@ -91,10 +91,90 @@ def run_adapters_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from lexlora.evaluation import run_evaluation
+    from lexlora.reports import REPORT_NAME
+
+    generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    result, out = run_evaluation(
+        args.adapter, split=args.split, data_path=args.data, out_dir=args.out, task=args.task,
+        max_rows=args.max_rows, with_base=not args.no_base, bleu=args.bleu, base=args.base, device=args.device,
+        batch_size=args.batch_size, **generation,
+    )
+    print(f"{result.adapter}: {result.count} rows of {result.data_path} [{result.split}], task {result.task}")
+    for row in result.table():
+        gain = "" if row["gain"] is None else f"  gain {row['gain']:+.4f}"
+        base = "" if row["base"] is None else f"  base {row['base']:.4f}"
+        print(f"  {row['metric']:<10} adapter {row['adapter']:.4f}{base}{gain}")
+    print(f"report: {out / REPORT_NAME}")
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from lexlora.ablation import DEFAULT_GRID, run_ablation
+
+    rows, table = run_ablation(
+        args.config, grid=args.grid or DEFAULT_GRID, overrides=args.overrides, out_dir=args.out,
+        split=args.split, max_rows=args.max_rows, task=args.task,
+    )
+    print(table.read_text())
+    print(f"table: {table}")
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="adapter directory")
+    parser.add_argument("--split", default="test", help="one of the adapter's data.splits, or 'all' (default: test)")
+    parser.add_argument("--data", help="data file (default: the one the adapter was trained on)")
+    parser.add_argument("--out", help="report dir (default: ADAPTER/eval/SPLIT)")
+    parser.add_argument("--task", choices=("auto", "text", "labels"), default="auto",
+                        help="text: ROUGE; labels: accuracy/F1 (default: as trained, else detected)")
+    parser.add_argument("--max-rows", type=_positive_int, help="first N rows of the split only")
+    parser.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
+    parser.add_argument("--bleu", action="store_true", help="also BLEU (needs sacrebleu)")
+    parser.add_argument("--base", help="base model id or path (default: the adapter's)")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    parser.add_argument("--num-beams", type=_positive_int, default=None)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None)
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from lexlora.serve import serve  # fastapi/uvicorn are only imported by the server
 
     return serve(args)
+
+
+# --- lexlora embeddings: lexical embedding diagnostics (lexlora/diagnostics.py) ---
+def run_embeddings(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lexlora.diagnostics import DEFAULT_MODEL, adapter_settings, diagnose_file
+    from lexlora.errors import ConfigError, DataError
+
+    given = {"data": args.data, "field": args.field, "model": args.model, "format": "auto"}
+    settings = {**adapter_settings(args.adapter), **{k: v for k, v in given.items() if v}} if args.adapter else given
+    if not settings["data"] or not settings["field"]:
+        raise ConfigError("lexlora embeddings needs --data FILE and --field NAME, or --adapter DIR")
+    if args.adapter and not args.data and not Path(settings["data"]).exists():
+        raise DataError(f"{args.adapter}: its training data {settings['data']} was not found "
+                        "(a relative path is taken from the current dir); pass --data FILE")
+    out = args.out or (Path(args.adapter) / "eval" / "embeddings" if args.adapter
+                       else Path("runs") / "embeddings" / f"{Path(settings['data']).stem}-{settings['field']}")
+    result = diagnose_file(
+        settings["data"], settings["field"], settings["model"] or DEFAULT_MODEL, out, sample=args.sample,
+        seed=args.seed, neighbours=args.neighbours, queries=args.queries, color_field=args.color_field,
+        fmt=settings["format"],
+    )
+    edited = result["edited"]
+    kinds = ", ".join(f"{kind} {s['mean']:.3f}" for kind, s in edited["by_kind"].items() if s["n"])
+    print(f"{result['source']['sample']} texts of field {settings['field']!r} in {settings['data']}")
+    print(f"  cosine with itself (re-encoded) {result['self']['mean']:.4f}")
+    print(f"  cosine with a random other text {result['random_pair']['mean']:.4f}")
+    print(f"  cosine with a light edit        {edited['overall']['mean']:.4f} ({kinds})")
+    print(f"report: {Path(out) / 'embeddings.md'}")
+    return 0
+# --- end lexlora embeddings ---
 
 
 def _positive_int(text: str) -> int:
@@ -146,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print JSON instead of key/value lines")
     show.set_defaults(func=run_adapters_show)
 
+    evl = sub.add_parser("eval", help="score an adapter on a split against the base model; writes a report")
+    add_eval_arguments(evl)
+    evl.set_defaults(func=run_eval)
+
+    abl = sub.add_parser("ablate", help="train + evaluate a grid of variants of a config; one comparison table")
+    add_train_arguments(abl)
+    abl.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                     help="an axis (repeatable); default: fusion=off,add,first,prefix and lora.r=4,8")
+    abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")
+    abl.add_argument("--split", default="validation", help="split scored for every run (default: validation)")
+    abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
+    abl.add_argument("--task", choices=("auto", "text", "labels"), default="auto")
+    abl.set_defaults(func=run_ablate)
+
     srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
     srv.add_argument(
         "--adapters", required=True, metavar="DIR", help="dir of adapter dirs; each is loaded under its dir name"
@@ -164,14 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a request waits for others to join its batch (default: 5)",
     )
     srv.set_defaults(func=run_serve)
+
+    emb = sub.add_parser(
+        "embeddings", help="is the lexical field embedded meaningfully? cosine figures, neighbours, t-SNE"
+    )
+    emb.add_argument("--data", help="data file (default with --adapter: the one it was trained on)")
+    emb.add_argument("--field", help="field whose text is embedded (default with --adapter: its lexical field)")
+    emb.add_argument("--adapter", metavar="DIR", help="take data, field and model from this adapter's lexlora.json")
+    emb.add_argument("--model", help="embedding model id (default: the adapter's, else all-MiniLM-L6-v2)")
+    emb.add_argument("--sample", type=_positive_int, default=500, help="distinct texts sampled (default: 500)")
+    emb.add_argument("--seed", type=int, default=0, help="sampling / t-SNE seed (default: 0)")
+    emb.add_argument("--neighbours", type=_positive_int, default=5, help="neighbours per query (default: 5)")
+    emb.add_argument("--queries", type=_positive_int, default=5, help="texts whose neighbours are listed (default: 5)")
+    emb.add_argument("--color-field", help="record field colouring the t-SNE points (default: file extension, if any)")
+    emb.add_argument(
+        "--out", help="report dir (default: ADAPTER/eval/embeddings, else runs/embeddings/<data stem>-<field>)"
+    )
+    emb.set_defaults(func=run_embeddings)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace, func) -> int:
+    """Run a command; bad input (a LexloraError) is one line on stderr and exit 2, no traceback."""
     _setup_logging()
     try:
-        return args.func(args)
+        return func(args)
     except LexloraError as exc:
         print(f"lexlora: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -180,17 +291,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(args, args.func)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of scripts/train_lora.py (works under `accelerate launch` and plain `python`)."""
     parser = argparse.ArgumentParser(prog="train_lora.py", description="Train a lexlora adapter.")
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    _setup_logging()
-    try:
-        return run_train(args)
-    except LexloraError as exc:
-        print(f"lexlora: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return _run(parser.parse_args(argv), run_train)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of scripts/evaluate.py."""
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a lexlora adapter against its base.")
+    add_eval_arguments(parser)
+    return _run(parser.parse_args(argv), run_eval)
 
 
 if __name__ == "__main__":

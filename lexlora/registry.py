@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,6 +98,7 @@ class LexLoRA:
         self._adapters: dict[str, LoadedAdapter] = {}
         self._encoders: dict[str, LexicalEncoder] = {}
         self.active_adapter: str | None = None
+        self._disabled = False
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -290,7 +292,7 @@ class LexLoRA:
         **generate_kwargs: Any,
     ) -> list[str]:
         embeds, mask = self._encoder_inputs(adapters, records, lexical)
-        with self.router.route([a.lora for a in adapters]):
+        with self.router.route(self._route_rows(adapters)):
             encoder_outputs = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
             ids = self.base.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -313,10 +315,24 @@ class LexLoRA:
             labels = self.tokenizer(text_target=list(targets), return_tensors="pt", padding=True)["input_ids"]
             labels[labels == self.tokenizer.pad_token_id] = -100
             labels = labels.to(self.device)
-        with self.router.route([a.lora for a in adapters]):
+        with self.router.route(self._route_rows(adapters)):
             return self.base(
                 inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids,
             )
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within this block every row runs on the base alone (no LoRA, no fusion) but is still
+        formatted by its adapter's template and generation defaults: the base-vs-adapter comparison
+        on the same prompts (like PEFT's `disable_adapter()`)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def _route_rows(self, adapters: list[LoadedAdapter]) -> list[LoraWeights | None]:
+        return [None if self._disabled else a.lora for a in adapters]
 
     def _encoder_inputs(
         self, adapters: list[LoadedAdapter], records: list[dict[str, str]], lexical: list[torch.Tensor | None]
@@ -339,6 +355,8 @@ class LexLoRA:
         """Token embeddings with each row's own fusion; rows whose mode adds no position get a masked
         pad position at the end when others in the batch are prefixed."""
         embeds = self.base.get_input_embeddings()(input_ids)
+        if self._disabled:
+            return embeds, attention_mask
         groups: dict[str, list[int]] = {}
         for row, loaded in enumerate(adapters):
             groups.setdefault(loaded.name, []).append(row)

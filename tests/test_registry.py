@@ -244,3 +244,21 @@ def test_three_dataset_configs_train_tiny_and_hot_swap(tmp_path):
     assert registry.generate(desc_in) == alone["desc"]
     mixed = registry.generate([desc_in[0], ctx_in[0], type_in[0]], adapter=["desc", "ctx", "type"])
     assert mixed == [alone["desc"][0], alone["ctx"][0], alone["type"][0]]
+
+
+def test_disable_adapters_runs_the_base_on_the_adapters_prompts(registry):
+    targets = ["a config backup"] * len(INPUTS)
+    adapted = registry.forward(INPUTS, adapter="desc", targets=targets).logits
+    with registry.disable_adapters():
+        base_logits = registry.forward(INPUTS, adapter="desc", targets=targets).logits
+        base_text = registry.generate(INPUTS, adapter="desc", max_new_tokens=5)
+    prompts = registry.tokenizer([f"Describe {x}:" for x in INPUTS], return_tensors="pt", padding=True)
+    labels = registry.tokenizer(text_target=targets, return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        expected = registry.base(**prompts, labels=labels).logits
+        expected_ids = registry.base.generate(**prompts, max_new_tokens=5)
+    torch.testing.assert_close(base_logits, expected, rtol=1e-6, atol=1e-6)
+    assert base_text == [t.strip() for t in registry.tokenizer.batch_decode(expected_ids, skip_special_tokens=True)]
+    assert not torch.allclose(adapted, base_logits)
+    # Back on after the block.
+    torch.testing.assert_close(registry.forward(INPUTS, adapter="desc", targets=targets).logits, adapted)
