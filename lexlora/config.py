@@ -18,6 +18,8 @@ from lexlora.errors import ConfigError
 FUSION_MODES = ("add", "first", "prefix")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
+TASKS = ("auto", "text", "labels")
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class DataConfig:
     pad_to_multiple_of: Optional[int] = None
     # Skip (and count) invalid records instead of stopping at them.
     skip_invalid: bool = False
+    # How generated outputs are scored against target_field: text (ROUGE), labels (accuracy,
+    # macro-F1) or auto (lexlora.metrics.detect_task on the references).
+    task: str = "auto"
 
 
 @dataclass
@@ -96,6 +101,36 @@ class TrainConfig:
     # Torch threads per process when training on CPU; None: the usable cores / processes
     # (`accelerate launch` without a config file pins OMP_NUM_THREADS=1, halving speed on 2 cores).
     cpu_threads: Optional[int] = None
+    # Picks the adapter that is kept: the epoch with the lowest val_loss, or the highest value of
+    # a metric that lexlora.metrics.score gives for data.task (rouge1, rougeL, accuracy, macro_f1...).
+    eval_metric: str = "val_loss"
+    # Generate and score (a slice of) the validation split after each epoch; None: only when
+    # eval_metric needs it.
+    eval_generate: Optional[bool] = None
+    # Generate for the first N validation rows only (generation is slow on CPU); None: all.
+    eval_max_rows: Optional[int] = None
+    # Experiment trackers through Accelerate: none, tensorboard, wandb, all, or a comma list.
+    report_to: str = "none"
+    # Where tracker logs go; None: runs/<name of output_dir>. Not the adapter dir.
+    logging_dir: Optional[str] = None
+
+    def trackers(self) -> List[str]:
+        """report_to as a list of tracker names ([] for none)."""
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        if names in ([], ["none"]):
+            return []
+        if names == ["all"]:
+            return list(TRACKERS)
+        for name in names:
+            _check_choice("train.report_to", name, ("none", "all", *TRACKERS))
+        if "none" in names or "all" in names:
+            raise ConfigError(f"train.report_to: 'none' and 'all' cannot be combined with others; got {self.report_to!r}")
+        return list(dict.fromkeys(names))
+
+    @property
+    def generates(self) -> bool:
+        """Whether each epoch's evaluation generates and scores the validation split."""
+        return self.eval_metric != "val_loss" if self.eval_generate is None else self.eval_generate
 
 
 @dataclass
@@ -120,6 +155,11 @@ class Config:
     save_dtype: str = "float16"
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Check the values' meaning. Runs on load; training runs it again for configs built or
+        changed in Python (attribute assignment skips __post_init__)."""
         _check_choice("fusion.mode", self.fusion.mode, FUSION_MODES)
         _check_choice("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
@@ -145,6 +185,27 @@ class Config:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if "train" not in self.data.splits:
             raise ConfigError("data.splits needs a 'train' entry, e.g. data.splits.train='[:90%]'")
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        # Which metric names a task produces is checked by training once the task is known.
+        train = self.train
+        _check_choice("data.task", self.data.task, TASKS)
+        train.trackers()
+        if not train.eval_metric.strip():
+            raise ConfigError("train.eval_metric must name a metric, e.g. val_loss or rougeL")
+        if train.eval_max_rows is not None and train.eval_max_rows < 1:
+            raise ConfigError(f"train.eval_max_rows must be at least 1, got {train.eval_max_rows}")
+        if train.eval_metric != "val_loss" and train.eval_generate is False:
+            raise ConfigError(
+                f"train.eval_metric={train.eval_metric} is computed on generated outputs; "
+                "it needs train.eval_generate=true (or unset)"
+            )
+        if (train.eval_metric != "val_loss" or train.eval_generate) and "validation" not in self.data.splits:
+            raise ConfigError(
+                f"train.eval_metric={train.eval_metric} / train.eval_generate need a validation split: "
+                "add data.splits.validation, e.g. data.splits.validation='[90%:]'"
+            )
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:

@@ -1,7 +1,9 @@
 """The training recipe: data -> embeddings -> base + LoRA + fusion -> Accelerate loop -> adapter dir.
 
-Accelerate does device placement, mixed precision, gradient accumulation and multi-process runs, so
-the same code runs under `python` and `accelerate launch`.
+Accelerate does device placement, mixed precision, gradient accumulation, multi-process runs and
+experiment trackers (train.report_to), so the same code runs under `python` and `accelerate launch`.
+Each epoch ends with an evaluation on the validation split (its loss, and with train.eval_generate
+the metrics of generated outputs); the epoch that is best by train.eval_metric is the one saved.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_wandb_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -36,11 +38,14 @@ from lexlora.config import Config, config_to_dict, config_to_yaml
 from lexlora.data import EncodedSplit, LexicalCollator, encode_split, load_splits
 from lexlora.embeddings import LexicalEncoder
 from lexlora.errors import ConfigError, LexloraError
+from lexlora.metrics import detect_task, higher_is_better, scalar_metrics, score
 from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_IN_CARD = 3
+LOSS_CURVE_NAME = "loss_curve.png"
+TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
 
 
 class NonFiniteLossError(LexloraError):
@@ -156,14 +161,171 @@ def refuse_fp16_for_t5(cfg: Config) -> None:
         )
 
 
+def resolve_trackers(cfg: Config) -> list[str]:
+    """train.report_to as Accelerate tracker names; a requested tracker must be installed."""
+    names = cfg.train.trackers()
+    if cfg.train.report_to.strip() == "all":
+        names = [name for name in names if TRACKER_AVAILABLE[name]()]
+        if not names:
+            raise ConfigError("train.report_to=all: no tracker is installed; pip install tensorboard (or wandb)")
+    for name in names:
+        if not TRACKER_AVAILABLE[name]():
+            raise ConfigError(f"train.report_to={name}: the {name} package is not installed; pip install {name}")
+    return names
+
+
+def tracker_dir(cfg: Config) -> Path:
+    # Beside, not inside, the adapter dir: that is a staging dir renamed (or replaced) at the end.
+    return Path(cfg.train.logging_dir or Path("runs") / Path(cfg.output_dir).name)
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as dotted keys with scalar values (all TensorBoard's hparams accept)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix] = value
+        else:  # None, lists, empty dicts
+            flat[prefix] = json.dumps(value)
+
+    walk("", config_to_dict(cfg))
+    return flat
+
+
+@dataclass
+class EvalPlan:
+    """What each epoch's evaluation does, fixed (and checked) before any model work."""
+
+    metric: str = "val_loss"
+    task: str | None = None  # None: no generation, validation loss only
+    inputs: list[dict[str, str]] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+
+
+def plan_evaluation(cfg: Config, data: PreparedData) -> EvalPlan:
+    metric = cfg.train.eval_metric
+    validation = data.splits.get("validation")
+    if not cfg.train.generates:
+        return EvalPlan(metric)
+    if validation is None or len(validation) == 0:
+        raise ConfigError(f"train.eval_metric={metric} / train.eval_generate need a non-empty validation split")
+    target = cfg.data.target_field
+    task = cfg.data.task
+    if task == "auto":  # from all the targets: more repeats to see than in a capped validation slice
+        task = detect_task([r.fields[target] for split in data.splits.values() for r in split.records])
+    if metric != "val_loss":
+        # The names a task produces, from scoring one trivial pair (no static list to drift).
+        available = sorted(scalar_metrics(score(task, ["x"], ["x"])))
+        if metric not in available:
+            how = "detected from the data" if cfg.data.task == "auto" else "data.task"
+            raise ConfigError(
+                f"train.eval_metric={metric} is not a metric of the {task!r} task ({how}); "
+                f"choose val_loss or one of: {', '.join(available)}"
+            )
+    rows = validation.records[: cfg.train.eval_max_rows]
+    return EvalPlan(metric, task, [r.fields for r in rows], [r.fields[target] for r in rows])
+
+
+class Evaluator:
+    """The end-of-epoch evaluation (validation loss on all processes and, when planned, the metrics
+    of generated outputs), and the best epoch so far by eval_metric, with a copy of its weights."""
+
+    def __init__(self, cfg: Config, plan: EvalPlan, model, unwrapped: LexLoraModel, loader: DataLoader, accelerator: Accelerator):
+        self.cfg, self.plan, self.model, self.unwrapped = cfg, plan, model, unwrapped
+        self.loader, self.accelerator = loader, accelerator
+        self.best: dict[str, Any] | None = None  # the kept epoch's evaluation
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.seconds = 0.0
+
+    def end_of_epoch(self, epoch: int, step: int, log: MetricsLog) -> None:
+        started = time.perf_counter()
+        values = self()
+        self.seconds += time.perf_counter() - started
+        improved = self.is_better(values, self.best)
+        if improved:
+            self.best = {"epoch": epoch, **values}
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.unwrapped.trainable_state_dict().items()}
+        log.write(step=step, epoch=epoch, **values, best=improved)
+        self.accelerator.log({f"val/{name.removeprefix('val_')}": value for name, value in values.items()}, step=step)
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+        self.accelerator.print(f"epoch {epoch} step {step}: {shown}{' (best)' if improved else ''}")
+
+    def keep_best(self) -> dict[str, Any]:
+        """Load the best epoch's weights back; returns the best_* figures for the run's metrics."""
+        if self.best_state is not None:
+            self.unwrapped.load_trainable_state_dict(self.best_state, source="best checkpoint")
+        best, metric = self.best or {}, self.plan.metric
+        summary = {"eval_metric": metric, "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss")}
+        if metric != "val_loss":
+            summary[f"best_{metric}"] = best.get(metric)
+        if self.plan.task is not None:
+            summary.update({"eval_task": self.plan.task, "eval_rows": len(self.plan.inputs)})
+        return summary
+
+    def __call__(self) -> dict[str, float]:
+        values = {"val_loss": validation_loss(self.model, self.loader, self.accelerator)}
+        if self.plan.task is not None:
+            values.update(self.generated_metrics())
+        return values
+
+    def generated_metrics(self) -> dict[str, float]:
+        # The main process generates and scores; the others get its figures, so every process
+        # takes the same best-epoch decision (each keeps its own copy of the best weights).
+        # Generating through the unwrapped model makes no collective calls, so the others simply
+        # wait in the broadcast (sharded setups such as FSDP would need all ranks to generate).
+        figures: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            generation = self.cfg.generation
+            predictions = self.unwrapped.generate_text(
+                self.plan.inputs, max_source_length=self.cfg.data.max_source_length,
+                max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams,
+                batch_size=generation.batch_size,
+            )
+            figures[0] = scalar_metrics(score(self.plan.task, predictions, self.plan.references))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(figures)
+        return figures[0]
+
+    def is_better(self, new: dict[str, float], best: dict[str, float] | None) -> bool:
+        """By eval_metric (NaN is worst); a tie on a generated metric goes to the lower validation loss."""
+        if best is None:
+            return True
+        metric = self.plan.metric
+        value, kept = new[metric], best[metric]
+        if value != kept:
+            if math.isnan(value) or math.isnan(kept):
+                return math.isnan(kept) and not math.isnan(value)
+            return (value > kept) == higher_is_better(metric)
+        return new["val_loss"] < best["val_loss"]
+
+
+def write_loss_curve(directory: Path, metric: str, title: str) -> None:
+    # The plot is a convenience and the adapter beside it took the whole run to train, so any
+    # plotting failure (matplotlib missing or broken, an odd log) is a warning, not a lost run.
+    try:
+        from lexlora.plots import loss_curve_png
+
+        loss_curve_png(directory / "metrics.jsonl", directory / LOSS_CURVE_NAME, metric, title=title)
+    except Exception as exc:
+        logger.warning("%s not written (%s: %s); the adapter is saved without it", LOSS_CURVE_NAME, type(exc).__name__, exc)
+
+
 def train(cfg: Config) -> TrainResult:
+    cfg.check()
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if mixed_precision == "fp16":
         refuse_fp16_for_t5(cfg)
+    trackers = resolve_trackers(cfg)
     try:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=trackers or None,
+            project_dir=str(tracker_dir(cfg).parent) if trackers else None,
         )
     except ValueError as exc:  # e.g. fp16 without a GPU
         raise ConfigError(f"train.mixed_precision={mixed_precision}: {exc}") from None
@@ -177,6 +339,7 @@ def train(cfg: Config) -> TrainResult:
     # The main process fills the embedding cache first; the others then read it.
     with accelerator.main_process_first():
         data = prepare_data(cfg, tokenizer, accelerator.device)
+    plan = plan_evaluation(cfg, data)
 
     base = load_base_model(cfg.model)
     base_fp = fingerprint(base, cfg.model)
@@ -222,6 +385,7 @@ def train(cfg: Config) -> TrainResult:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped: LexLoraModel = accelerator.unwrap_model(model)
+    evaluator = Evaluator(cfg, plan, model, unwrapped, val_loader, accelerator) if val_loader is not None else None
 
     staging = make_staging_dir(cfg.output_dir) if main else None
     log = MetricsLog(staging / "metrics.jsonl" if staging else None)
@@ -229,7 +393,14 @@ def train(cfg: Config) -> TrainResult:
         if staging is not None:
             (staging / "config.yaml").write_text(config_to_yaml(cfg))
             logger.info("training log: %s (moved to %s at the end)", staging / "metrics.jsonl", cfg.output_dir)
-        metrics = _loop(cfg, accelerator, model, unwrapped, params, optimizer, scheduler, train_loader, val_loader, total_steps, log)
+        if trackers:
+            if main:
+                tracker_dir(cfg).mkdir(parents=True, exist_ok=True)
+            # TensorBoard writes to project_dir/<name>, i.e. into logging_dir itself.
+            accelerator.init_trackers(
+                tracker_dir(cfg).name, config=flat_config(cfg), init_kwargs={"wandb": {"dir": str(tracker_dir(cfg))}}
+            )
+        metrics = _loop(cfg, accelerator, model, params, optimizer, scheduler, train_loader, evaluator, total_steps, log)
         metrics.update(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
              "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes}
@@ -237,8 +408,10 @@ def train(cfg: Config) -> TrainResult:
         # Round to the save dtype before the final evaluation, so the recorded metrics are exactly
         # those of the saved adapter.
         unwrapped.round_trainables_(DTYPES[cfg.save_dtype])
-        if val_loader is not None:
-            metrics["final_val_loss"] = validation_loss(model, val_loader, accelerator)
+        if evaluator is not None:
+            final = {f"final_{name}": value for name, value in evaluator().items()}
+            metrics.update(final)
+            accelerator.log({name.replace("final_", "final/"): value for name, value in final.items()}, step=metrics["steps"])
         accelerator.wait_for_everyone()
         output_dir = Path(cfg.output_dir)
         if main:
@@ -254,6 +427,7 @@ def train(cfg: Config) -> TrainResult:
                 "samples": _samples(unwrapped, val_split, cfg) if val_split is not None else [],
             }
             size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
+            write_loss_curve(staging, plan.metric, title=output_dir.name)
             publish(staging, output_dir, cfg.overwrite_output_dir)
             staging = None
             metrics["adapter_bytes"] = size
@@ -261,6 +435,7 @@ def train(cfg: Config) -> TrainResult:
         accelerator.wait_for_everyone()
         return TrainResult(output_dir, metrics)
     finally:
+        accelerator.end_training()
         if staging is not None and staging.exists():
             # Keep the log of a failed run for inspection, under a name that is not an adapter.
             failed = staging.with_name(staging.name.replace(".tmp-", ".failed-"))
@@ -268,16 +443,12 @@ def train(cfg: Config) -> TrainResult:
             logger.warning("run did not finish; its log is in %s", failed)
 
 
-def _loop(cfg, accelerator, model, unwrapped, params, optimizer, scheduler, train_loader, val_loader, total_steps, log) -> dict[str, Any]:
+def _loop(cfg, accelerator, model, params, optimizer, scheduler, train_loader, evaluator, total_steps, log) -> dict[str, Any]:
     progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
     step = epoch = 0
-    best_val = math.inf
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, Any]] = []
     running = torch.zeros((), device=accelerator.device)
     micro_batches = 0
     last_loss = math.nan
-    eval_seconds = 0.0
     started = time.perf_counter()
     model.train()
     while step < total_steps:
@@ -310,34 +481,24 @@ def _loop(cfg, accelerator, model, unwrapped, params, optimizer, scheduler, trai
                 lr = scheduler.get_last_lr()[0]
                 progress.set_postfix(loss=f"{last_loss:.4f}")
                 log.write(step=step, epoch=epoch, loss=last_loss, lr=lr, seconds=time.perf_counter() - started)
+                accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=step)
             if step >= total_steps:
                 break
         epoch += 1
-        if val_loader is not None:
-            eval_started = time.perf_counter()
-            val = validation_loss(model, val_loader, accelerator)
-            eval_seconds += time.perf_counter() - eval_started
-            improved = val < best_val
-            if improved:
-                best_val = val
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.trainable_state_dict().items()}
-            record = {"step": step, "epoch": epoch, "val_loss": val, "best": improved}
-            history.append(record)
-            log.write(**record)
-            accelerator.print(f"epoch {epoch} step {step}: val_loss {val:.4f}{' (best)' if improved else ''}")
+        if evaluator is not None:
+            evaluator.end_of_epoch(epoch, step, log)
     progress.close()
+    eval_seconds = evaluator.seconds if evaluator is not None else 0.0
     seconds = time.perf_counter() - started - eval_seconds
-    if best_state is not None:
-        unwrapped.load_trainable_state_dict(best_state, source="best checkpoint")
     metrics: dict[str, Any] = {
         "steps": step,
         "epochs": epoch,
         "train_loss": last_loss,
-        "train_seconds": round(seconds, 3),  # excluding validation
+        "train_seconds": round(seconds, 3),  # excluding evaluation
         "eval_seconds": round(eval_seconds, 3),
         "seconds_per_step": round(seconds / max(step, 1), 4),
-        "best_val_loss": best_val if best_state is not None else None,
     }
+    metrics.update(evaluator.keep_best() if evaluator is not None else {"best_val_loss": None})
     log.write(summary=metrics)
     return metrics
 
@@ -349,8 +510,8 @@ def _samples(model: LexLoraModel, split: EncodedSplit, cfg: Config) -> list[dict
         records, max_source_length=cfg.data.max_source_length,
         max_new_tokens=cfg.generation.max_new_tokens, num_beams=cfg.generation.num_beams,
     )
-    field = model.spec.lexical_field or model.template.fields[0]
+    shown = model.spec.lexical_field or model.template.fields[0]
     return [
-        {"input": r[field], "reference": r[cfg.data.target_field], "output": o}
+        {"input": r[shown], "reference": r[cfg.data.target_field], "output": o}
         for r, o in zip(records, outputs)
     ]

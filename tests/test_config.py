@@ -63,3 +63,39 @@ def test_file_description_config_is_the_seed_setup():
     assert config.data.splits == {"train": "[:85%]", "validation": "[85%:95%]", "test": "[95%:]"}
     assert config.data.input_template.startswith("Given the following filename")
     assert config.model.random_init is False
+
+
+def test_evaluation_and_tracking_defaults():
+    config = load_config(None)
+    train = config.train
+    assert (train.eval_metric, train.eval_generate, train.eval_max_rows, train.report_to, train.logging_dir) == (
+        "val_loss", None, None, "none", None)
+    assert config.data.task == "auto" and train.trackers() == [] and not train.generates
+    assert load_config(None, ["train.eval_metric=rougeL"]).train.generates
+    assert load_config(None, ["train.eval_generate=true"]).train.generates
+    assert load_config(None, ["train.report_to=wandb,tensorboard"]).train.trackers() == ["wandb", "tensorboard"]
+    assert load_config(None, ["train.report_to=all"]).train.trackers() == ["tensorboard", "wandb"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["data.task=regression"], "data.task"),
+        (["train.eval_max_rows=0"], "train.eval_max_rows"),
+        (["train.report_to=mlflow"], "train.report_to"),
+        (["train.report_to=none,wandb"], "train.report_to"),
+        (["train.eval_metric=rouge1", "train.eval_generate=false"], "train.eval_generate"),
+        (["train.eval_metric= "], "train.eval_metric"),
+    ],
+)
+def test_bad_evaluation_settings_name_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("train", [{"eval_metric": "rouge1"}, {"eval_generate": True}])
+def test_generated_metrics_need_a_validation_split(train):
+    from lexlora.config import Config, DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="validation split"):
+        Config(data=DataConfig(splits={"train": "[:90%]"}), train=TrainConfig(**train))

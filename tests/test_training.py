@@ -111,3 +111,137 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, stdlib_data):
     result = train(config)
     assert result.metrics["steps"] == 3
     assert [r["step"] for r in read_log(result.output_dir / "metrics.jsonl") if "loss" in r] == [2, 3]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def generating_config(tmp_path, data, epochs=3, **train):
+    """Whole epochs on 16 rows, generating for the first 4 validation rows after each."""
+    config = tiny_train_config(tmp_path, data, max_steps=None, epochs=epochs, eval_max_rows=4, **train)
+    config.data.splits = {"train": "[:16]", "validation": "[16:24]"}
+    config.generation.max_new_tokens = 4
+    return config
+
+
+def test_best_epoch_by_a_generated_metric_is_kept_and_its_score_is_the_saved_adapters(tmp_path, stdlib_data):
+    config = generating_config(tmp_path, stdlib_data, eval_metric="rouge1")
+    result = train(config)
+    out = result.output_dir
+    epochs = [r for r in read_log(out / "metrics.jsonl") if "val_loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert all({"rouge1", "rouge2", "rougeL", "rougeLsum"} <= r.keys() for r in epochs)
+    # The kept epoch is the last one flagged best: highest rouge1, ties to the lowest val_loss
+    # (a random tiny base often scores 0 every epoch, so the tie rule is what usually decides).
+    kept = [r for r in epochs if r["best"]][-1]
+    top = max(r["rouge1"] for r in epochs)
+    assert kept["rouge1"] == top
+    assert kept["val_loss"] == min(r["val_loss"] for r in epochs if r["rouge1"] == top)
+    metrics = result.metrics
+    assert (metrics["best_epoch"], metrics["best_rouge1"], metrics["best_val_loss"]) == (
+        kept["epoch"], kept["rouge1"], kept["val_loss"])
+    assert (metrics["eval_metric"], metrics["eval_task"], metrics["eval_rows"]) == ("rouge1", "text", 4)
+    assert (out / "loss_curve.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    # final_* are the scores of the saved (float16-rounded) adapter: reloading it and generating
+    # for the same rows gives exactly final_rouge1.
+    from lexlora.data import load_splits
+    from lexlora.embeddings import LexicalEncoder
+    from lexlora.metrics import score
+
+    model = load_adapter(out)
+    model.lexical_encoder = LexicalEncoder(config.fusion.embedding_model)
+    rows = [r.fields for r in load_splits(config.data, True)[0]["validation"][:4]]
+    outputs = model.generate_text(rows, max_source_length=config.data.max_source_length, max_new_tokens=4)
+    assert score("text", outputs, [r["description"] for r in rows])["rouge1"] == metrics["final_rouge1"]
+
+
+def test_the_kept_epoch_follows_the_metric_not_the_loss(tmp_path, stdlib_data, monkeypatch):
+    import lexlora.training as training
+
+    # Scores made up so the first epoch is best by the metric, while training lowers the loss.
+    made_up = iter([0.9, 0.1, 0.2, 0.5])
+
+    def fake_score(task, predictions, references, bleu=False):
+        value = 1.0 if len(references) == 1 else next(made_up)  # one pair: the names check
+        return {"task": task, "count": len(references), "rouge1": value}
+
+    monkeypatch.setattr(training, "score", fake_score)
+    config = generating_config(tmp_path, stdlib_data, eval_metric="rouge1")
+    config.fusion.enabled = False
+    result = train(config)
+    epochs = [r for r in read_log(result.output_dir / "metrics.jsonl") if "val_loss" in r]
+    assert [r["best"] for r in epochs] == [True, False, False]
+    assert [r["rouge1"] for r in epochs] == [0.9, 0.1, 0.2]
+    losses = [r["val_loss"] for r in epochs]
+    assert losses[0] > min(losses)  # by loss another epoch would have been kept
+    metrics = result.metrics
+    assert (metrics["best_epoch"], metrics["best_rouge1"], metrics["final_rouge1"]) == (1, 0.9, 0.5)
+    # The saved weights are epoch 1's (up to float16 rounding), not the last epoch's.
+    assert metrics["final_val_loss"] == pytest.approx(losses[0], rel=1e-3)
+    assert metrics["final_val_loss"] != pytest.approx(losses[-1], rel=1e-3)
+
+
+def test_unknown_or_unproduced_eval_metric_fails_before_any_model_work(tmp_path, stdlib_data, monkeypatch):
+    import lexlora.training as training
+
+    monkeypatch.setattr(training, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    config = generating_config(tmp_path, stdlib_data, eval_metric="accuracy")
+    with pytest.raises(ConfigError, match=r"accuracy is not a metric of the 'text' task.*rouge1, rouge2, rougeL, rougeLsum"):
+        train(config)
+    config.data.task = "labels"
+    config.train.eval_metric = "rougeL"
+    with pytest.raises(ConfigError, match=r"rougeL is not a metric of the 'labels' task \(data\.task\).*accuracy, macro_f1"):
+        train(config)
+    config.data.task = "auto"
+    config.train.eval_metric = "bogus"
+    with pytest.raises(ConfigError, match="bogus"):
+        train(config)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_eval_metric_without_a_validation_split_is_refused(tmp_path, stdlib_data):
+    config = tiny_train_config(tmp_path, stdlib_data, eval_metric="rouge1")
+    config.data.splits = {"train": "[:16]"}
+    with pytest.raises(ConfigError, match="validation split"):
+        train(config)
+
+
+def test_tensorboard_tracker_logs_under_logging_dir(tmp_path, stdlib_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = tmp_path / "runs" / "smoke"
+    config = tiny_train_config(tmp_path, stdlib_data, max_steps=2, report_to="tensorboard", logging_dir=str(runs))
+    config.fusion.enabled = False
+    result = train(config)
+    events = EventAccumulator(str(runs))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/loss", "final/val_loss"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2]
+    assert not any(p.name.startswith("events.") for p in result.output_dir.rglob("*"))
+
+
+def test_a_missing_tracker_package_is_a_config_error(tmp_path, stdlib_data, monkeypatch):
+    import lexlora.training as training
+
+    monkeypatch.setitem(training.TRACKER_AVAILABLE, "wandb", lambda: False)
+    config = tiny_train_config(tmp_path, stdlib_data, report_to="wandb")
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        train(config)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_failing_plot_does_not_lose_the_adapter(tmp_path, stdlib_data, monkeypatch, caplog):
+    import lexlora.plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display for you")
+
+    monkeypatch.setattr(lexlora.plots, "loss_curve_png", broken)
+    config = tiny_train_config(tmp_path, stdlib_data, max_steps=1)
+    config.fusion.enabled = False
+    result = train(config)
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+    assert not (result.output_dir / "loss_curve.png").exists()
+    assert "no display for you" in caplog.text
