@@ -108,3 +108,11 @@ def test_eval_command_bad_input_exits_2(text_adapter, tmp_path, capsys):
     assert "split 'nope'" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(tmp_path / "none")]) == 2
     assert "adapter dir not found" in capsys.readouterr().err
+
+
+def test_evaluate_script_entry_point(text_adapter, tmp_path, capsys):
+    from lexlora.cli import eval_main
+
+    assert eval_main(["--adapter", str(text_adapter), "--split", "test", "--max-rows", "2",
+                      "--max-new-tokens", "2", "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["count"] == 2
