@@ -20,6 +20,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("auto", "text", "labels")
 TRACKERS = ("tensorboard", "wandb")
+QUANTIZATION = ("none", "8bit", "4bit")
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ModelConfig:
     init_seed: int = 0
     # Config fields changed before building a random-init base (e.g. a tiny T5 for tests).
     config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Base weights in 8-bit or 4-bit through bitsandbytes (CUDA only): none, 8bit, 4bit.
+    quantization: str = "none"
 
 
 @dataclass
@@ -113,6 +116,16 @@ class TrainConfig:
     report_to: str = "none"
     # Where tracker logs go; None: runs/<name of output_dir>. Not the adapter dir.
     logging_dir: Optional[str] = None
+    # Recompute the frozen base's activations in the backward pass (less memory, more time).
+    gradient_checkpointing: bool = False
+    # Save the full training state every N optimizer steps (and at each epoch end); None: epochs only.
+    checkpoint_every: Optional[int] = None
+    # Where checkpoints go; None: <output_dir>.checkpoints beside the adapter dir.
+    checkpoint_dir: Optional[str] = None
+    # How many checkpoints to keep (the newest).
+    keep_checkpoints: int = 2
+    # Continue from the newest checkpoint in checkpoint_dir (the CLI's --resume sets it).
+    resume: bool = False
 
     def trackers(self) -> List[str]:
         """report_to as a list of tracker names ([] for none)."""
@@ -164,6 +177,7 @@ class Config:
         _check_choice("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_choice("data.format", self.data.format, ("auto", "jsonl", "json", "csv", "hf"))
+        _check_choice("model.quantization", self.model.quantization, QUANTIZATION)
         for key, value in (
             ("lora.r", self.lora.r),
             ("train.batch_size", self.train.batch_size),
@@ -174,6 +188,8 @@ class Config:
             ("data.max_target_length", self.data.max_target_length),
             ("generation.max_new_tokens", self.generation.max_new_tokens),
             ("generation.num_beams", self.generation.num_beams),
+            ("train.keep_checkpoints", self.train.keep_checkpoints),
+            ("train.checkpoint_every", self.train.checkpoint_every or 1),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
