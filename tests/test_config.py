@@ -2,8 +2,9 @@ import pytest
 
 from lexlora.config import config_to_yaml, load_config
 from lexlora.errors import ConfigError
+from tests.conftest import ROOT
 
-ROOT_CONFIGS = ["configs/smoke.yaml", "configs/file_description.yaml"]
+ROOT_CONFIGS = ["configs/smoke.yaml", "configs/file_description.yaml", "configs/file_context_description.yaml", "configs/file_type.yaml"]
 
 
 def test_public_overrides_apply(tmp_path):
@@ -99,3 +100,13 @@ def test_generated_metrics_need_a_validation_split(train):
 
     with pytest.raises(ConfigError, match="validation split"):
         Config(data=DataConfig(splits={"train": "[:90%]"}), train=TrainConfig(**train))
+
+
+@pytest.mark.parametrize("name, kind", [("ddp_multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")])
+def test_example_accelerate_configs_load_with_accelerate(name, kind):
+    """configs/accelerate/*.yaml are read by accelerate's own loader (multi-GPU runs cannot be tested here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert loaded.distributed_type.name == kind
+    assert loaded.num_processes == 2 and loaded.mixed_precision == "bf16"
