@@ -8,11 +8,18 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lexlora.base import default_target_modules
+from lexlora.base import default_target_modules, is_quantized
 from lexlora.config import LoraSettings
 from lexlora.data import PromptTemplate
 from lexlora.errors import AdapterError, ConfigError, DataError
@@ -119,7 +126,15 @@ class LexLoraModel(nn.Module):
         lora_config: LoraConfig,
         spec: AdapterSpec,
     ) -> "LexLoraModel":
-        """A fresh adapter (LoRA B = 0, zero fusion): computes exactly what the base computes."""
+        """A fresh adapter (LoRA B = 0, zero fusion): computes exactly what the base computes.
+
+        An 8-bit / 4-bit base (model.quantization) gets PEFT's k-bit preparation first (frozen, its
+        non-quantized half-precision weights upcast to fp32); gradient checkpointing is separate:
+        `enable_gradient_checkpointing`."""
+        if is_quantized(base):
+            was_training = base.training
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            base.train(was_training)
         base.requires_grad_(False)
         try:
             peft_model = get_peft_model(base, lora_config)
@@ -176,6 +191,17 @@ class LexLoraModel(nn.Module):
             if param.requires_grad and param.dtype != dtype:
                 param.copy_(param.to(dtype).to(param.dtype))
 
+    # ---- memory -------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model under PEFT's wrapper (the LoRA layers are injected into it)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the base recomputes its layers' activations in the backward pass (in training)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
+
     # ---- forward / generate ------------------------------------------------------------------
     def encoder_inputs(
         self,
@@ -200,6 +226,10 @@ class LexLoraModel(nn.Module):
         **kwargs: Any,
     ):
         embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
+        if self.training:
+            # A training step never reuses the decoder's key/value cache; building it only costs
+            # memory (and it cannot be kept under gradient checkpointing anyway).
+            kwargs.setdefault("use_cache", False)
         return self.peft_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     @torch.no_grad()
@@ -251,3 +281,39 @@ class LexLoraModel(nn.Module):
         finally:
             self.train(was_training)
         return [text.strip() for text in outputs]
+
+
+def enable_gradient_checkpointing(model: LexLoraModel) -> None:
+    """Recompute the frozen base's layer activations in the backward pass instead of keeping them
+    (train.gradient_checkpointing): less memory, about one more forward pass of time per step.
+
+    Non-reentrant checkpointing (torch.utils.checkpoint with use_reentrant=False) gives LoRA weights
+    inside a checkpointed layer their gradients even when the layer's input does not require grad
+    (fusion off: the embeddings come from the frozen table); transformers also hooks the input
+    embeddings to require grad, as the reentrant variant would need. The fusion projection sits
+    before the first layer, outside any checkpoint. Only layers in training mode are checkpointed,
+    so evaluation and generation are unchanged; `LexLoraModel.forward` passes use_cache=False in
+    training, which checkpointing needs."""
+    base = model.base_model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.gradient_checkpointing=true: {type(base).__name__} does not support gradient checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # newer transformers (the old name warns there)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not model.gradient_checkpointing:
+        raise ConfigError(f"train.gradient_checkpointing=true: {type(base).__name__} has no checkpointed layers")
+
+
+def disable_gradient_checkpointing(model: LexLoraModel) -> None:
+    """Undo `enable_gradient_checkpointing` (keep every activation again)."""
+    base = model.base_model
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+    if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
+        base.disable_input_require_grads()
