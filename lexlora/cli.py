@@ -21,12 +21,17 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
         help="dotted overrides, e.g. lora.r=16 data.path=other.jsonl train.max_steps=20 output_dir=out/x",
     )
+    if resume:
+        parser.add_argument(
+            "--resume", action="store_true",
+            help="continue an interrupted run from its newest checkpoint (same config; sets train.resume=true)",
+        )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -34,6 +39,8 @@ def run_train(args: argparse.Namespace) -> int:
     from lexlora.training import train
 
     config = load_config(args.config, args.overrides)
+    if args.resume:
+        config.train.resume = True
     result = train(config)
     print(f"adapter: {result.output_dir}")
     return 0
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     evl.set_defaults(func=run_eval)
 
     abl = sub.add_parser("ablate", help="train + evaluate a grid of variants of a config; one comparison table")
-    add_train_arguments(abl)
+    add_train_arguments(abl, resume=False)
     abl.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="an axis (repeatable); default: fusion=off,add,first,prefix and lora.r=4,8")
     abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")

@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, is_tensorboard_available, is_wandb_available, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, is_tensorboard_available, is_wandb_available, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -33,13 +35,15 @@ from lexlora.adapters import (
     publish,
     write_adapter_files,
 )
-from lexlora.base import FP16_UNSAFE, fingerprint, load_base_model, load_tokenizer
+from lexlora.base import FP16_UNSAFE, check_quantization, fingerprint, load_base_model, load_tokenizer
+from lexlora.checkpoints import LOG_NAME, Checkpoints, LoopState, StopSignals, TrainingInterrupted
 from lexlora.config import Config, config_to_dict, config_to_yaml
 from lexlora.data import EncodedSplit, LexicalCollator, encode_split, load_splits
 from lexlora.embeddings import LexicalEncoder
-from lexlora.errors import ConfigError, LexloraError
+from lexlora.errors import AdapterError, ConfigError, LexloraError
 from lexlora.metrics import detect_task, higher_is_better, scalar_metrics, score
-from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
+from lexlora.memory import describe_memory, max_peaks, peak_memory, reset_peak
+from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config, enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +152,12 @@ def set_cpu_threads(requested: int | None, num_processes: int) -> int:
     torch.set_num_threads(threads)
     logger.info("CPU training: %d torch thread(s) per process", threads)
     return threads
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, HPU, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def refuse_fp16_for_t5(cfg: Config) -> None:
@@ -316,24 +326,37 @@ def write_loss_curve(directory: Path, metric: str, title: str) -> None:
 
 def train(cfg: Config) -> TrainResult:
     cfg.check()
+    check_quantization(cfg.model)  # 8/4-bit without CUDA or bitsandbytes: refused before any work
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if mixed_precision == "fp16":
         refuse_fp16_for_t5(cfg)
     trackers = resolve_trackers(cfg)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=trackers or None,
             project_dir=str(tracker_dir(cfg).parent) if trackers else None,
+            # Launched as several processes on a machine without GPUs (`accelerate launch --multi_gpu
+            # --num_processes N` sets ACCELERATE_USE_CPU=false): Accelerate would run each process
+            # alone, N copies of the same run; cpu=True makes them one gloo data-parallel run.
+            cpu=launched > 1 and not _has_accelerator_device(),
         )
     except ValueError as exc:  # e.g. fp16 without a GPU
         raise ConfigError(f"train.mixed_precision={mixed_precision}: {exc}") from None
+    if accelerator.num_processes != launched:
+        raise ConfigError(
+            f"started as {launched} processes (WORLD_SIZE), but Accelerate sees {accelerator.num_processes}: "
+            "each would train the whole run alone; check the launcher's settings (accelerate config)"
+        )
     main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
         set_cpu_threads(cfg.train.cpu_threads, accelerator.num_processes)
     set_seed(cfg.train.seed)
     check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    checkpoints = Checkpoints(cfg, accelerator)
+    resume_from = checkpoints.resume_point()  # before any model work: a bad resume fails fast
 
     tokenizer = load_tokenizer(cfg.model)
     # The main process fills the embedding cache first; the others then read it.
@@ -341,7 +364,7 @@ def train(cfg: Config) -> TrainResult:
         data = prepare_data(cfg, tokenizer, accelerator.device)
     plan = plan_evaluation(cfg, data)
 
-    base = load_base_model(cfg.model)
+    base = load_base_model(cfg.model, device=accelerator.device)
     base_fp = fingerprint(base, cfg.model)
     spec = AdapterSpec(
         input_template=cfg.data.input_template,
@@ -353,11 +376,14 @@ def train(cfg: Config) -> TrainResult:
     )
     lora_config = build_lora_config(cfg.lora, base.config.model_type, cfg.model.name_or_path)
     model = LexLoraModel.create(base, tokenizer, lora_config, spec)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.lexical_encoder = data.encoder
     trainable, total = model.parameter_counts()
     accelerator.print(describe_counts(trainable, total))
 
     collator = LexicalCollator(tokenizer, cfg.data.pad_to_multiple_of)
+    # Reseeded at each epoch (TrainingRun.epoch_batches), so an epoch's order depends on the seed alone.
     generator = torch.Generator().manual_seed(cfg.train.seed)
     train_loader = DataLoader(
         data.splits["train"], batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
@@ -385,6 +411,7 @@ def train(cfg: Config) -> TrainResult:
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped: LexLoraModel = accelerator.unwrap_model(model)
+    checkpoints.attach(unwrapped)
     evaluator = Evaluator(cfg, plan, model, unwrapped, val_loader, accelerator) if val_loader is not None else None
 
     staging = make_staging_dir(cfg.output_dir) if main else None
@@ -400,40 +427,42 @@ def train(cfg: Config) -> TrainResult:
             accelerator.init_trackers(
                 tracker_dir(cfg).name, config=flat_config(cfg), init_kwargs={"wandb": {"dir": str(tracker_dir(cfg))}}
             )
-        metrics = _loop(cfg, accelerator, model, params, optimizer, scheduler, train_loader, evaluator, total_steps, log)
+        run = TrainingRun(cfg, accelerator, model, optimizer, scheduler, train_loader, generator, evaluator,
+                          total_steps, log, checkpoints, staging)
+        if resume_from is not None:
+            run.restore(resume_from)
+        stopped = None
+        reset_peak(accelerator.device)
+        try:
+            with StopSignals(accelerator) as stop:
+                metrics = run.loop(stop)
+        except NonFiniteLoss as bad:
+            stopped, metrics = bad, run.keep_last_good(bad)
         metrics.update(
             {"trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
-             "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes}
+             "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
+             "quantization": cfg.model.quantization, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+             "memory": memory_report(accelerator)}
         )
-        # Round to the save dtype before the final evaluation, so the recorded metrics are exactly
-        # those of the saved adapter.
-        unwrapped.round_trainables_(DTYPES[cfg.save_dtype])
-        if evaluator is not None:
-            final = {f"final_{name}": value for name, value in evaluator().items()}
-            metrics.update(final)
-            accelerator.log({name.replace("final_", "final/"): value for name, value in final.items()}, step=metrics["steps"])
-        accelerator.wait_for_everyone()
-        output_dir = Path(cfg.output_dir)
-        if main:
-            resolved = config_to_dict(cfg)
-            metadata = {
-                "base": base_fp,
-                "lora": asdict(cfg.lora),
-                "dataset": data.dataset_info,
-                "training": resolved["train"],
-                "generation": resolved["generation"],
-                "data": {k: v for k, v in resolved["data"].items() if k != "path"},
-                "metrics": metrics,
-                "samples": _samples(unwrapped, val_split, cfg) if val_split is not None else [],
-            }
-            size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
-            write_loss_curve(staging, plan.metric, title=output_dir.name)
-            publish(staging, output_dir, cfg.overwrite_output_dir)
+        log.write(memory=metrics["memory"])
+        accelerator.print(describe_memory(metrics["memory"]))
+        try:
+            _publish(cfg, accelerator, unwrapped, evaluator, staging, metrics,
+                     base_fp=base_fp, dataset_info=data.dataset_info, val_split=val_split, eval_metric=plan.metric)
+        except AdapterError as exc:
+            if stopped is None:
+                raise
+            raise stopped.error(cfg, run, f"they were not published ({exc})") from None
+        staging = None
+        checkpoints.remove_all()
+        if stopped is not None:
+            raise stopped.error(cfg, run, f"they were saved as the adapter {cfg.output_dir}")
+        return TrainResult(Path(cfg.output_dir), metrics)
+    except TrainingInterrupted:
+        if staging is not None:  # the checkpoint holds the log; this dir holds nothing else
+            shutil.rmtree(staging, ignore_errors=True)
             staging = None
-            metrics["adapter_bytes"] = size
-            accelerator.print(f"adapter saved to {output_dir} ({size / 1e6:.2f} MB of weights, {cfg.save_dtype})")
-        accelerator.wait_for_everyone()
-        return TrainResult(output_dir, metrics)
+        raise
     finally:
         accelerator.end_training()
         if staging is not None and staging.exists():
@@ -443,64 +472,289 @@ def train(cfg: Config) -> TrainResult:
             logger.warning("run did not finish; its log is in %s", failed)
 
 
-def _loop(cfg, accelerator, model, params, optimizer, scheduler, train_loader, evaluator, total_steps, log) -> dict[str, Any]:
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
-    step = epoch = 0
-    running = torch.zeros((), device=accelerator.device)
-    micro_batches = 0
-    last_loss = math.nan
-    started = time.perf_counter()
-    model.train()
-    while step < total_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            running += loss.detach()
-            micro_batches += 1
-            if not accelerator.sync_gradients:
+def memory_report(accelerator: Accelerator) -> dict[str, Any]:
+    """Peak CUDA memory allocated on a GPU, peak process RSS otherwise; the largest over processes."""
+    memory = peak_memory(accelerator.device)
+    if accelerator.num_processes > 1:
+        memory = max_peaks(gather_object([memory]))  # collective: every process calls it
+    return memory
+
+
+def _publish(cfg, accelerator, unwrapped: LexLoraModel, evaluator, staging: Path | None, metrics: dict[str, Any], *,
+             base_fp: dict[str, Any], dataset_info: dict[str, Any], val_split: EncodedSplit | None, eval_metric: str) -> None:
+    """Final evaluation of the weights as saved, then the adapter dir (written by the main process
+    into its staging dir and renamed to output_dir)."""
+    # Round to the save dtype before the final evaluation, so the recorded metrics are exactly
+    # those of the saved adapter.
+    unwrapped.round_trainables_(DTYPES[cfg.save_dtype])
+    if evaluator is not None:
+        final = {f"final_{name}": value for name, value in evaluator().items()}
+        metrics.update(final)
+        accelerator.log({name.replace("final_", "final/"): value for name, value in final.items()}, step=metrics["steps"])
+    accelerator.wait_for_everyone()
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        resolved = config_to_dict(cfg)
+        metadata = {
+            "base": base_fp,
+            "lora": asdict(cfg.lora),
+            "dataset": dataset_info,
+            "training": resolved["train"],
+            "generation": resolved["generation"],
+            "data": {k: v for k, v in resolved["data"].items() if k != "path"},
+            "metrics": metrics,
+            "samples": _samples(unwrapped, val_split, cfg) if val_split is not None else [],
+        }
+        size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
+        write_loss_curve(staging, eval_metric, title=output_dir.name)
+        publish(staging, output_dir, cfg.overwrite_output_dir)
+        metrics["adapter_bytes"] = size
+        accelerator.print(f"adapter saved to {output_dir} ({size / 1e6:.2f} MB of weights, {cfg.save_dtype})")
+    accelerator.wait_for_everyone()
+
+
+NO_STEP = torch.iinfo(torch.int64).max
+
+
+class NonFiniteLoss(Exception):
+    """Raised inside the loop at the first check that sees a non-finite loss (or weights)."""
+
+    def __init__(self, step: int, what: str = "loss"):
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what
+
+    def error(self, cfg: Config, run: "TrainingRun", kept: str) -> NonFiniteLossError:
+        if run.good_step is None:
+            where = "no weights were verified finite before it, so nothing was saved"
+        else:
+            where = f"the last weights verified finite are from step {run.good_step}, and {kept}"
+        return NonFiniteLossError(
+            f"training stopped: {self}; {where}. Try a lower train.learning_rate (now {cfg.train.learning_rate}), "
+            f"train.mixed_precision=bf16 (or no) instead of fp16, or a smaller train.max_grad_norm "
+            f"(now {cfg.train.max_grad_norm})."
+        )
+
+
+def finite_cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A CPU copy of `state`, or None if a value is not finite; one check and one device-to-host
+    copy for all the tensors (a copy per tensor costs a sync each)."""
+    flat = torch.cat([value.detach().reshape(-1) for value in state.values()])
+    if not torch.isfinite(flat).all():
+        return None
+    flat, copy, start = flat.cpu(), {}, 0
+    for key, value in state.items():
+        copy[key] = flat[start : start + value.numel()].view(value.shape)
+        start += value.numel()
+    return copy
+
+
+class TrainingRun:
+    """The optimizer-step loop, and what it must carry across an interruption: its counters
+    (LoopState), the best epoch so far (the Evaluator's), the last weights verified finite, and when
+    to save a checkpoint or stop."""
+
+    def __init__(self, cfg, accelerator, model, optimizer, scheduler, loader, generator, evaluator,
+                 total_steps, log, checkpoints, staging):
+        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+        self.unwrapped: LexLoraModel = accelerator.unwrap_model(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler, self.loader, self.generator = optimizer, scheduler, loader, generator
+        self.evaluator, self.total_steps, self.log, self.checkpoints = evaluator, total_steps, log, checkpoints
+        self.staging = staging
+        self.state = LoopState()
+        self.running = torch.zeros((), device=accelerator.device)
+        # The first optimizer step whose loss was not finite (NO_STEP: none yet), kept on the device
+        # so that watching for it costs no host sync; it is read at log intervals and checkpoints.
+        self.first_bad = torch.full((), NO_STEP, dtype=torch.long, device=accelerator.device)
+        self.good_state: dict[str, torch.Tensor] | None = None
+        self.good_step: int | None = None
+        self.started = time.perf_counter()
+        self.progress = None
+
+    def elapsed(self) -> float:
+        return self.state.seconds + time.perf_counter() - self.started
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def loop(self, stop: StopSignals) -> dict[str, Any]:
+        state = self.state
+        self.progress = tqdm(total=self.total_steps, initial=state.step, desc="train",
+                             disable=not self.accelerator.is_local_main_process)
+        self.started = time.perf_counter()
+        self.model.train()
+        # batches_done > 0 at the last step: a stop came then, and that epoch's end is still due.
+        while state.step < self.total_steps or state.batches_done:
+            if state.step < self.total_steps:
+                self.train_epoch(stop)
+            self.end_epoch(stop)
+        self.progress.close()
+        return self.summary()
+
+    def epoch_batches(self):
+        # Each epoch's order is drawn from seed + epoch alone: a resumed run shuffles epoch k exactly
+        # as an uninterrupted one does, then skips what the checkpoint had already trained on.
+        self.generator.manual_seed(self.cfg.train.seed + self.state.epoch)
+        if self.state.batches_done:
+            return self.accelerator.skip_first_batches(self.loader, self.state.batches_done)
+        return self.loader
+
+    def train_epoch(self, stop: StopSignals) -> None:
+        state = self.state
+        for batch in self.epoch_batches():
+            self.train_on(batch)
+            if not self.accelerator.sync_gradients:
                 continue
-            step += 1
-            progress.update(1)
-            # Host sync (.item) only at log intervals.
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                last_loss = accelerator.gather(running / micro_batches).mean().item()
-                running.zero_()
-                micro_batches = 0
-                if not math.isfinite(last_loss):
-                    raise NonFiniteLossError(
-                        f"training loss became {last_loss} by step {step}; nothing was saved. "
-                        "Try a lower train.learning_rate, train.mixed_precision=bf16 or no instead of fp16, "
-                        "or a smaller train.max_grad_norm."
-                    )
-                lr = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{last_loss:.4f}")
-                log.write(step=step, epoch=epoch, loss=last_loss, lr=lr, seconds=time.perf_counter() - started)
-                accelerator.log({"train/loss": last_loss, "train/lr": lr}, step=step)
-            if step >= total_steps:
+            state.step += 1
+            self.progress.update(1)
+            self.after_step(stop)
+            if state.step >= self.total_steps:
                 break
-        epoch += 1
-        if evaluator is not None:
-            evaluator.end_of_epoch(epoch, step, log)
-    progress.close()
-    eval_seconds = evaluator.seconds if evaluator is not None else 0.0
-    seconds = time.perf_counter() - started - eval_seconds
-    metrics: dict[str, Any] = {
-        "steps": step,
-        "epochs": epoch,
-        "train_loss": last_loss,
-        "train_seconds": round(seconds, 3),  # excluding evaluation
-        "eval_seconds": round(eval_seconds, 3),
-        "seconds_per_step": round(seconds / max(step, 1), 4),
-    }
-    metrics.update(evaluator.keep_best() if evaluator is not None else {"best_val_loss": None})
-    log.write(summary=metrics)
-    return metrics
+
+    def train_on(self, batch) -> None:
+        accelerator, train = self.accelerator, self.cfg.train
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        # The optimizer step is not skipped on a non-finite loss: that would need a host sync per
+        # step, the run stops at the next check anyway, and the weights kept are the last verified.
+        loss = loss.detach()
+        self.running += loss
+        first = (self.first_bad == NO_STEP) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, self.state.step + 1, self.first_bad)
+        self.state.micro_batches += 1
+        self.state.batches_done += 1
+
+    def after_step(self, stop: StopSignals) -> None:
+        state, train = self.state, self.cfg.train
+        if state.step % train.log_every == 0 or state.step == self.total_steps:
+            self.log_loss()
+        signum = stop.agreed()
+        if signum:
+            self.interrupt(signum, self.save())
+        ends_epoch = state.batches_done == len(self.loader) or state.step >= self.total_steps
+        if train.checkpoint_every and state.step % train.checkpoint_every == 0 and not ends_epoch:
+            self.save()  # (at an epoch's end, its own checkpoint follows at once)
+
+    def end_epoch(self, stop: StopSignals) -> None:
+        state = self.state
+        self.verify()
+        state.epoch += 1
+        state.batches_done = 0
+        if self.evaluator is not None:
+            self.evaluator.end_of_epoch(state.epoch, state.step, self.log)
+        path = self.save()
+        signum = stop.agreed()
+        if signum:
+            self.interrupt(signum, path)
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def log_loss(self) -> None:
+        state = self.state
+        self.verify()
+        state.last_loss = self.accelerator.gather(self.running / state.micro_batches).mean().item()
+        self.running.zero_()
+        state.micro_batches = 0
+        lr = self.scheduler.get_last_lr()[0]
+        self.progress.set_postfix(loss=f"{state.last_loss:.4f}")
+        self.log.write(step=state.step, epoch=state.epoch, loss=state.last_loss, lr=lr, seconds=self.elapsed())
+        self.accelerator.log({"train/loss": state.last_loss, "train/lr": lr}, step=state.step)
+
+    def verify(self) -> None:
+        """A host sync: stop at a non-finite loss so far; otherwise keep the weights, on the CPU, as
+        the last good ones."""
+        first = int(self.accelerator.gather(self.first_bad.reshape(1)).min().item())
+        if first != NO_STEP:
+            raise NonFiniteLoss(first)
+        weights = finite_cpu_copy(self.unwrapped.trainable_state_dict())
+        if weights is None:
+            raise NonFiniteLoss(self.state.step, "weights")  # finite losses, overflowing gradients
+        self.good_state, self.good_step = weights, self.state.step
+
+    def keep_last_good(self, bad: NonFiniteLoss) -> dict[str, Any]:
+        """After a non-finite loss: load the last good weights back; the metrics say the run stopped."""
+        if self.progress is not None:
+            self.progress.close()
+        if self.good_state is None:
+            raise bad.error(self.cfg, self, "") from None
+        self.unwrapped.load_trainable_state_dict(self.good_state, source="last good weights")
+        return self.summary(stopped=bad)
+
+    def summary(self, stopped: NonFiniteLoss | None = None) -> dict[str, Any]:
+        state = self.state
+        eval_seconds = self.evaluator.seconds if self.evaluator is not None else 0.0
+        seconds = self.elapsed() - eval_seconds
+        metrics: dict[str, Any] = {
+            "steps": state.step if stopped is None else self.good_step,
+            "epochs": state.epoch,
+            "train_loss": state.last_loss,
+            "train_seconds": round(seconds, 3),  # excluding evaluation
+            "eval_seconds": round(eval_seconds, 3),
+            "seconds_per_step": round(seconds / max(state.step, 1), 4),
+        }
+        if state.resumed_at:
+            metrics["resumed_at_steps"] = list(state.resumed_at)
+        if stopped is None:
+            metrics.update(self.evaluator.keep_best() if self.evaluator is not None else {"best_val_loss": None})
+        else:  # the weights are the last verified, not the best epoch's
+            metrics = {"stopped": str(stopped), "weights_step": self.good_step, **metrics}
+        self.log.write(summary=metrics)
+        return metrics
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> Path:
+        self.verify()  # a checkpoint only ever holds weights verified finite
+        state = self.state
+        # Each process's running loss (its own batches), so that each resumes with its own.
+        sums = self.accelerator.gather(self.running.detach().reshape(1).float()).tolist()
+        state.seconds = self.elapsed()
+        self.started = time.perf_counter()
+        extra: dict[str, Any] = {"loss_sums": sums, "staging": str(self.staging) if self.staging else None}
+        best = None
+        if self.evaluator is not None:
+            extra["evaluator"] = {"best": self.evaluator.best, "seconds": self.evaluator.seconds}
+            best = self.evaluator.best_state
+        return self.checkpoints.save(state, extra, best, self.log.path)
+
+    def restore(self, path: Path) -> None:
+        saved, best = self.checkpoints.load(path)
+        self.state = state = saved["loop"]
+        state.resumed_at.append(state.step)
+        self.running.fill_(saved["loss_sums"][self.accelerator.process_index])
+        if self.evaluator is not None and "evaluator" in saved:
+            self.evaluator.best, self.evaluator.seconds = saved["evaluator"]["best"], saved["evaluator"]["seconds"]
+            self.evaluator.best_state = best
+        if self.staging is not None:
+            if (path / LOG_NAME).is_file():
+                shutil.copyfile(path / LOG_NAME, self.staging / "metrics.jsonl")
+            self._remove_old_staging(saved.get("staging"))
+        self.verify()  # the restored weights are the last good ones
+        self.log.write(resumed_from=str(path), step=state.step, epoch=state.epoch)
+        self.accelerator.print(
+            f"resumed from {path}: step {state.step} of {self.total_steps}, epoch {state.epoch + 1}, "
+            f"{state.batches_done} of its {len(self.loader)} batches done"
+        )
+
+    def _remove_old_staging(self, old: str | None) -> None:
+        # The staging dir of a killed run (a SIGKILL leaves it behind): its log is in the checkpoint.
+        if old and old != str(self.staging):
+            path = Path(old)
+            if path.parent == self.staging.parent and path.name.startswith(f".{Path(self.cfg.output_dir).name}.tmp-"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def interrupt(self, signum: int, path: Path) -> None:
+        state = self.state
+        message = (
+            f"lexlora: stopped by {signal.Signals(signum).name} after step {state.step} of {self.total_steps} "
+            f"(epoch {state.epoch + (1 if state.batches_done else 0)}); the training state is saved in {path}. "
+            "No adapter was written. To continue, run the same command with --resume (train.resume=true)."
+        )
+        if self.accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(signum, path, message)
 
 
 def _samples(model: LexLoraModel, split: EncodedSplit, cfg: Config) -> list[dict[str, str]]:

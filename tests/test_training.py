@@ -245,3 +245,61 @@ def test_a_failing_plot_does_not_lose_the_adapter(tmp_path, stdlib_data, monkeyp
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     assert not (result.output_dir / "loss_curve.png").exists()
     assert "no display for you" in caplog.text
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_through_accelerate_launch_are_one_data_parallel_run(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one gloo
+    data-parallel run, not two copies of one racing for output_dir; it checkpoints (every process
+    its RNG states) and cleans up like a single process. (Stopping with SIGTERM and resuming with two
+    processes was checked by hand: same weights as an uninterrupted 2-process run, max diff 0.0.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.test_checkpoints import LONG_RUN, leftovers
+    from tests.test_cli import write_config
+
+    out = tmp_path / "adapter"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "scripts/train_lora.py",
+              "--config", str(write_config(tmp_path, ROOT / "examples" / "python_stdlib.jsonl")),
+              f"output_dir={out}", *LONG_RUN]
+    done = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("adapter saved to") == 1
+    metrics = json.loads((out / "lexlora.json").read_text())["metrics"]
+    assert metrics["num_processes"] == 2
+    assert metrics["steps"] == 16  # 32 rows in batches of 2 per process, 2 epochs
+    assert [r["epoch"] for r in read_log(out / "metrics.jsonl") if "val_loss" in r] == [1, 2]
+    assert leftovers(tmp_path) == [] and not (tmp_path / "adapter.checkpoints").exists()
+    assert load_adapter(out).spec.fusion_enabled
+
+
+def test_memory_report_and_switches_are_recorded(tmp_path, stdlib_data):
+    config = tiny_train_config(tmp_path, stdlib_data, max_steps=2, gradient_checkpointing=True)
+    result = train(config)
+    meta = json.loads((result.output_dir / "lexlora.json").read_text())
+    memory = meta["metrics"]["memory"]
+    assert memory["device"] == "cpu" and memory["peak_rss_bytes"] > 100e6  # torch alone is more than that
+    assert meta["metrics"]["gradient_checkpointing"] is True and meta["metrics"]["quantization"] == "none"
+    assert any("memory" in r for r in read_log(result.output_dir / "metrics.jsonl"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_base_is_refused_early_without_cuda(tmp_path, stdlib_data, bits):
+    config = tiny_train_config(tmp_path, stdlib_data, max_steps=2)
+    config.model.quantization = bits
+    with pytest.raises(ConfigError, match=f"model.quantization={bits} .* needs a CUDA GPU"):
+        train(config)
+    assert not (tmp_path / "adapter").exists()
