@@ -65,7 +65,8 @@ class TrainResult:
 def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    # Native bf16 only (Ampere and newer): older GPUs emulate it, slower than fp32.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16"
     return "no"
 
