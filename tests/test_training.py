@@ -157,7 +157,7 @@ def test_best_epoch_by_a_generated_metric_is_kept_and_its_score_is_the_saved_ada
 
 
 def test_the_kept_epoch_follows_the_metric_not_the_loss(tmp_path, stdlib_data, monkeypatch):
-    import lexlora.training as training
+    import lexlora.validation as validation
 
     # Scores made up so the first epoch is best by the metric, while training lowers the loss.
     made_up = iter([0.9, 0.1, 0.2, 0.5])
@@ -166,7 +166,7 @@ def test_the_kept_epoch_follows_the_metric_not_the_loss(tmp_path, stdlib_data, m
         value = 1.0 if len(references) == 1 else next(made_up)  # one pair: the names check
         return {"task": task, "count": len(references), "rouge1": value}
 
-    monkeypatch.setattr(training, "score", fake_score)
+    monkeypatch.setattr(validation, "score", fake_score)
     config = generating_config(tmp_path, stdlib_data, eval_metric="rouge1")
     config.fusion.enabled = False
     result = train(config)
@@ -223,9 +223,9 @@ def test_tensorboard_tracker_logs_under_logging_dir(tmp_path, stdlib_data):
 
 
 def test_a_missing_tracker_package_is_a_config_error(tmp_path, stdlib_data, monkeypatch):
-    import lexlora.training as training
+    import lexlora.tracking as tracking
 
-    monkeypatch.setitem(training.TRACKER_AVAILABLE, "wandb", lambda: False)
+    monkeypatch.setitem(tracking.TRACKER_AVAILABLE, "wandb", lambda: False)
     config = tiny_train_config(tmp_path, stdlib_data, report_to="wandb")
     with pytest.raises(ConfigError, match="pip install wandb"):
         train(config)
