@@ -7,6 +7,8 @@ adapter under the final name. Never unpickles.
     lexlora.json                base fingerprint, adapter spec, dataset, training args, metrics
     config.yaml                 the resolved run config (training only)
     metrics.jsonl               the training log (training only)
+    loss_curve.png              training / validation loss by step (training only)
+    eval/<split>/               `lexlora eval` reports, when run
     README.md                   model card
 """
 
