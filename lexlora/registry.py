@@ -274,6 +274,8 @@ class LexLoRA:
 
     def _lexical_vectors(self, adapters: list[LoadedAdapter], records: list[dict[str, str]]) -> list[torch.Tensor | None]:
         vectors: list[torch.Tensor | None] = [None] * len(records)
+        if self._disabled:  # the base alone uses no fusion: nothing to embed
+            return vectors
         by_model: dict[str, list[int]] = {}
         for row, loaded in enumerate(adapters):
             if loaded.spec.fusion_enabled:
