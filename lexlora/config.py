@@ -21,6 +21,8 @@ SAVE_DTYPES = ("float32", "float16", "bfloat16")
 TASKS = ("auto", "text", "labels")
 TRACKERS = ("tensorboard", "wandb")
 QUANTIZATION = ("none", "8bit", "4bit")
+DUPLICATE_IDS = ("warn", "drop", "refuse", "ignore")  # lexlora.records.DUPLICATE_ID_POLICIES
+LONG_TARGETS = ("truncate", "refuse")
 
 
 @dataclass
@@ -79,6 +81,12 @@ class DataConfig:
     pad_to_multiple_of: Optional[int] = None
     # Skip (and count) invalid records instead of stopping at them.
     skip_invalid: bool = False
+    # Records repeating an earlier id: warn (kept, counted), drop (keep the first), refuse, ignore.
+    on_duplicate_id: str = "warn"
+    # The field holding record ids; None: `id` where the records have one.
+    id_field: Optional[str] = None
+    # Targets longer than max_target_length tokens: truncate (counted in a warning) or refuse.
+    on_long_target: str = "truncate"
     # How generated outputs are scored against target_field: text (ROUGE), labels (accuracy,
     # macro-F1) or auto (lexlora.metrics.detect_task on the references).
     task: str = "auto"
@@ -177,6 +185,8 @@ class Config:
         _check_choice("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _check_choice("data.format", self.data.format, ("auto", "jsonl", "json", "csv", "hf"))
+        _check_choice("data.on_duplicate_id", self.data.on_duplicate_id, DUPLICATE_IDS)
+        _check_choice("data.on_long_target", self.data.on_long_target, LONG_TARGETS)
         _check_choice("model.quantization", self.model.quantization, QUANTIZATION)
         for key, value in (
             ("lora.r", self.lora.r),

@@ -17,7 +17,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from lexlora.config import DataConfig
 from lexlora.errors import ConfigError, DataError
-from lexlora.records import Record, read_records
+from lexlora.records import Record, long_target_error, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def split_records(records: Sequence[Record], splits: Mapping[str, str], shuffle_
 
 def load_splits(data: DataConfig, fusion_enabled: bool) -> tuple[dict[str, list[Record]], PromptTemplate, str | None]:
     template, lexical, fields = required_fields(data, fusion_enabled)
-    records = read_records(data.path, fields, data.target_field, data.format, data.skip_invalid)
+    records = read_records(data.path, fields, data.target_field, data.format, data.skip_invalid,
+                           id_field=data.id_field, on_duplicate_id=data.on_duplicate_id)
     return split_records(records, data.splits, data.shuffle_seed, data.path), template, lexical
 
 
@@ -162,6 +163,9 @@ def encode_split(
     prompts = [template.format(r.fields) for r in records]
     targets = [r.fields[target_field] for r in records]
     tokens = tokenize(tokenizer, prompts, targets, data.max_source_length, data.max_target_length)
+    if tokens.truncated_targets and data.on_long_target == "refuse":
+        lengths = [len(ids) for ids in tokenizer(text_target=targets, truncation=False)["input_ids"]]
+        raise long_target_error(data.path, name, records, lengths, data.max_target_length)
     if tokens.truncated_targets:
         logger.warning(
             "%s split: %d of %d targets are longer than data.max_target_length=%d tokens and were truncated",
