@@ -31,16 +31,26 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"adapter dir not found: {adapter_dir}")
     path = adapter_dir / META_NAME
     if not path.is_file():
-        raise AdapterError(f"{adapter_dir}: {META_NAME} is missing; not a lexlora adapter dir")
+        hint = (
+            f" ({CONFIG_NAME} is here: a plain PEFT adapter? lexlora needs the base fingerprint and prompt its "
+            f"{META_NAME} records; load it with peft.PeftModel.from_pretrained)"
+            if (adapter_dir / CONFIG_NAME).is_file()
+            else ""
+        )
+        raise AdapterError(f"{adapter_dir}: {META_NAME} is missing; not a lexlora adapter dir{hint}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc})") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply, an integer too long
+        raise AdapterError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(meta, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+        raise AdapterError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise AdapterError(f"{path}: format_version is missing")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterError(f"{path}: format_version is missing or not an integer (got {version!r})")
     if version > FORMAT_VERSION:
         raise AdapterError(
             f"{path}: adapter format version {version} is newer than this lexlora understands "
