@@ -19,7 +19,13 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lexlora.base import default_target_modules, is_quantized
+from lexlora.base import (
+    ENCODER_DECODER_TYPE,
+    base_config,
+    default_modules_to_save,
+    default_target_modules,
+    is_quantized,
+)
 from lexlora.config import LoraSettings
 from lexlora.data import PromptTemplate
 from lexlora.errors import AdapterError, ConfigError, DataError
@@ -81,8 +87,24 @@ class AdapterSpec:
         return {name: item[name] for name in fields}
 
 
-def build_lora_config(settings: LoraSettings, model_type: str, base_id: str) -> LoraConfig:
-    targets = list(settings.target_modules) if settings.target_modules else default_target_modules(model_type)
+def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, config=None) -> LoraConfig:
+    """PEFT's LoraConfig from lora.*: target modules default to the base's attention projections
+    (`lexlora.base.default_target_modules`; a single string in lora.target_modules is a regex over
+    whole module paths, as in PEFT); a warm-started encoder-decoder also trains its new cross-attention
+    in full (`modules_to_save`, saved with the adapter) unless lora.extra.modules_to_save says otherwise.
+    `config` (the base's transformers config) is read from `base_id` when an encoder-decoder needs it."""
+    if model_type == ENCODER_DECODER_TYPE and config is None:
+        config = base_config(base_id)
+    targets = settings.target_modules or default_target_modules(model_type, config)
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if len(targets) == 1 and _is_regex(targets[0]):
+            targets = targets[0]
+    extra = dict(settings.extra)
+    if "modules_to_save" not in extra:
+        modules = default_modules_to_save(model_type, base_id, config)
+        if modules:
+            extra["modules_to_save"] = modules
     try:
         return LoraConfig(
             r=settings.r,
@@ -94,10 +116,15 @@ def build_lora_config(settings: LoraSettings, model_type: str, base_id: str) -> 
             use_dora=settings.use_dora,
             task_type="SEQ_2_SEQ_LM",
             base_model_name_or_path=base_id,
-            **dict(settings.extra),
+            **extra,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid LoRA settings (lora.*): {exc}") from None
+
+
+def _is_regex(target: str) -> bool:
+    """A target given as a regex (PEFT full-matches a string target against each module path)."""
+    return any(c in target for c in "*()[]|\\^$?+")
 
 
 class LexLoraModel(nn.Module):
@@ -149,9 +176,12 @@ class LexLoraModel(nn.Module):
 
     # ---- parameters -------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters; tied weights counted once."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, total) parameters of the model as it computes; tied weights counted once. A module
+        trained in full (PEFT `modules_to_save`, e.g. a warm start's cross-attention) counts once: its
+        trainable copy replaces the frozen original, which is left out of the total."""
+        named = list(self.named_parameters())
+        trainable = sum(p.numel() for _, p in named if p.requires_grad)
+        total = sum(p.numel() for n, p in named if ".original_module." not in n)
         return trainable, total
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -51,10 +51,16 @@ def test_config_overrides_need_random_init():
 
 
 def test_default_targets_per_architecture():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
     assert default_target_modules("t5") == ["q", "k", "v", "o"]
+    assert default_target_modules("mt5") == ["q", "k", "v", "o"]
     assert default_target_modules("bart") == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert default_target_modules("mbart") == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    # A type lexlora has no table entry for falls back to PEFT's own default for it.
+    assert default_target_modules("gpt2") == PEFT_DEFAULTS["gpt2"]
     with pytest.raises(ModelLoadError, match="lora.target_modules"):
-        default_target_modules("gpt2")
+        default_target_modules("no-such-model-type")
 
 
 # The tiny base's architecture digest as adapters saved before quantization support recorded it:
