@@ -32,6 +32,10 @@ def add_train_arguments(parser: argparse.ArgumentParser, resume: bool = True) ->
             "--resume", action="store_true",
             help="continue an interrupted run from its newest checkpoint (same config; sets train.resume=true)",
         )
+        parser.add_argument(
+            "--overwrite", action="store_true",
+            help="replace an adapter already in output_dir once the new one is complete (sets overwrite_output_dir=true)",
+        )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -41,6 +45,8 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.resume:
         config.train.resume = True
+    if getattr(args, "overwrite", False):
+        config.overwrite_output_dir = True
     result = train(config)
     print(f"adapter: {result.output_dir}")
     return 0
@@ -54,7 +60,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.base:
         base_config = base_config_from_metadata(read_metadata(args.adapter))
         base_config.name_or_path = args.base
-    model = load_adapter(args.adapter, base_config=base_config)
+    model = load_adapter(args.adapter, base_config=base_config, allow_pickle=args.allow_pickle)
     meta = model.metadata
     if args.device:
         model.to(args.device)
@@ -191,6 +197,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _parse_input(text: str):
     """A JSON object is a record (for multi-field templates); anything else is the input field."""
     stripped = text.strip()
@@ -220,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=32)
     gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    gen.add_argument(
+        "--allow-pickle", action="store_true",
+        help="read a pickle adapter_model.bin when there is no safetensors file (only for files you trust; "
+        "tensors only, via torch.load(weights_only=True))",
+    )
     gen.set_defaults(func=run_generate)
 
     adapters = sub.add_parser("adapters", help="what each adapter is: base, dataset, rank, size, metrics")
@@ -263,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--batch-wait-ms", type=float, default=5.0,
         help="how long a request waits for others to join its batch (default: 5)",
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=_positive_int, default=4 << 20,
+        help="largest request body, else 413 (default: 4194304)",
+    )
+    srv.add_argument(
+        "--body-timeout-s", type=_positive_float, default=30.0,
+        help="a request body must arrive within this many seconds, else 408 (default: 30)",
     )
     srv.set_defaults(func=run_serve)
 

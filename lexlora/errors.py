@@ -20,3 +20,12 @@ class AdapterError(LexloraError):
 
 class ModelLoadError(LexloraError):
     """A base model, tokenizer or embedding model could not be loaded."""
+
+
+class RequestError(LexloraError):
+    """An HTTP request to `lexlora serve` is malformed or too large; `status` is its HTTP status
+    (400, 404, 413 or 422)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status

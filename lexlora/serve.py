@@ -11,11 +11,19 @@ Requests are validated on arrival, then queued for a single worker thread (`Batc
 model: whatever is queued when it is free runs as ONE mixed-adapter batch, so concurrent requests for
 different adapters share a forward pass instead of waiting for each other. Clients only ever name
 adapters; paths are never taken from a request. OpenAPI schema at /openapi.json, docs at /docs.
+
+Bad requests never reach the model: `parse_generate_request` turns any body into a request or a
+`RequestError` (422 malformed, 413 too large; property-tested with hypothesis), and `BodyLimits`
+refuses a body over `max_body_bytes` (413) or one that trickles in for more than `body_timeout_s`
+(408) before any of it is parsed. A slow client holds only its own connection: the event loop
+serves the others meanwhile. If a mixed batch fails anyway, each of its requests is retried alone,
+so only the one at fault gets the error.
 """
 
 import asyncio
 import collections
 import concurrent.futures
+import json
 import logging
 import threading
 import time
@@ -28,10 +36,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import lexlora
-from lexlora.errors import AdapterError, DataError, LexloraError
+from lexlora.errors import AdapterError, DataError, LexloraError, RequestError
 from lexlora.registry import LexLoRA, check_adapter_name
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ class ServeSettings:
     max_input_chars: int = 1000  # per string (an input, or a record's field)
     max_batch_rows: int = 32  # rows per model call
     batch_wait_ms: float = 5.0  # how long the first queued request waits for others to join its batch
+    max_body_bytes: int = 4 << 20  # request body; 64 inputs of 1000 characters take at most ~400 KB
+    body_timeout_s: float = 30.0  # a request body must arrive within this time of its first byte
 
 
 # ---- request / response models (they make up the OpenAPI schema) ---------------------------------
@@ -233,41 +243,112 @@ class Batcher:
             groups.setdefault(key, []).append((job, records))
 
         for (max_new_tokens, num_beams), members in groups.items():
-            inputs = [record for _, records in members for record in records]
-            names = [job.adapter for job, records in members for _ in records]
-            try:
-                outputs = self.registry.generate(
-                    inputs, adapter=names, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                    batch_size=self.max_rows,
-                )
-            except Exception as exc:
-                logger.exception("generation failed for %d rows", len(inputs))
-                for job, _ in members:
-                    job.future.set_exception(exc)
-                continue
-            self.stats["batches"] += 1
-            self.stats["rows"] += len(inputs)
-            self.stats["mixed_batches"] += int(len(set(names)) > 1)
-            start = 0
-            for job, records in members:
-                job.future.set_result(outputs[start : start + len(records)])
-                start += len(records)
+            self._generate(members, max_new_tokens, num_beams)
+
+    def _generate(self, members: list[tuple[Job, list[dict[str, str]]]], max_new_tokens: int, num_beams: int) -> None:
+        inputs = [record for _, records in members for record in records]
+        names = [job.adapter for job, records in members for _ in records]
+        try:
+            outputs = self.registry.generate(
+                inputs, adapter=names, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                batch_size=self.max_rows,
+            )
+        except Exception as exc:
+            if len(members) > 1:
+                # One request's rows may be what failed: each alone, so only that one gets the error.
+                logger.warning("a batch of %d requests failed (%s: %s); retrying each alone",
+                               len(members), type(exc).__name__, exc)
+                for member in members:
+                    self._generate([member], max_new_tokens, num_beams)
+                return
+            logger.exception("generation failed for %d rows", len(inputs))
+            members[0][0].future.set_exception(exc)
+            return
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(inputs)
+        self.stats["mixed_batches"] += int(len(set(names)) > 1)
+        start = 0
+        for job, records in members:
+            job.future.set_result(outputs[start : start + len(records)])
+            start += len(records)
 
 
 # ---- the app -------------------------------------------------------------------------------------
 def check_inputs(inputs: Sequence[Any], settings: ServeSettings) -> None:
-    """Size limits, before anything is queued: 422 for an empty list, 413 for too much."""
+    """Size limits and text validity, before anything is queued: 422 for an empty list or text that
+    is not valid Unicode, 413 for too much."""
     if not inputs:
-        raise HTTPException(422, "inputs is empty; give at least one input")
+        raise RequestError("inputs is empty; give at least one input", 422)
     if len(inputs) > settings.max_inputs:
-        raise HTTPException(413, f"{len(inputs)} inputs; at most {settings.max_inputs} per request")
+        raise RequestError(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", 413)
     for index, item in enumerate(inputs):
         texts = [item] if isinstance(item, str) else [*item.keys(), *item.values()]
         longest = max(map(len, texts), default=0)
         if longest > settings.max_input_chars:
-            raise HTTPException(
-                413, f"input {index}: {longest} characters; at most {settings.max_input_chars} per string"
+            raise RequestError(
+                f"input {index}: {longest} characters; at most {settings.max_input_chars} per string", 413
             )
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers reject it
+                raise RequestError(f"input {index}: not valid text (an unpaired surrogate such as \\ud800)", 422) from None
+
+
+def parse_generate_request(
+    body: bytes | str | Any, settings: ServeSettings, content_type: str | None = None
+) -> GenerateRequest:
+    """A /generate body (raw bytes or text, or already-decoded JSON) -> a checked `GenerateRequest`,
+    or a `RequestError` saying what is wrong: 422 malformed, 413 too large. Nothing else escapes,
+    whatever the input (tests/test_properties.py). Whether the adapter is loaded is the caller's
+    question (404). A body declared as something other than JSON is refused, as FastAPI does (it
+    also keeps browsers' cross-site form posts out)."""
+    if content_type is not None and "json" not in content_type.lower():
+        raise RequestError(
+            f"the body is declared as {content_type.split(';')[0].strip() or 'nothing'}; "
+            "send the body as JSON with Content-Type: application/json", 422
+        )
+    if isinstance(body, (bytes, bytearray, str)):
+        if isinstance(body, (bytes, bytearray)) and len(body) > settings.max_body_bytes:
+            raise RequestError(f"request body of {len(body)} bytes; at most {settings.max_body_bytes}", 413)
+        if not body.strip():
+            raise RequestError(
+                'the request body is empty; send a JSON object such as {"adapter": "name", "inputs": ["text"]}', 422
+            )
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", 422) from None
+        except UnicodeDecodeError:
+            raise RequestError("the body is not valid JSON: it is not UTF-8 text", 422) from None
+        except RecursionError:
+            raise RequestError("the body is not valid JSON: nested too deeply", 422) from None
+        except ValueError as exc:  # an integer of more than 4300 digits
+            raise RequestError(f"the body is not valid JSON: {exc}", 422) from None
+    else:
+        data = body
+    if not isinstance(data, dict):
+        raise RequestError(
+            f'the body must be a JSON object such as {{"adapter": "name", "inputs": ["text"]}}, got {_json_type(data)}',
+            422,
+        )
+    try:
+        request = GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(_validation_message(exc.errors()), 422) from None
+    except RecursionError:
+        raise RequestError("the body is nested too deeply", 422) from None
+    try:
+        check_adapter_name(request.adapter)
+    except AdapterError as exc:
+        raise RequestError(f"adapter: {exc}", 422) from None
+    check_inputs(request.inputs, settings)
+    return request
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def resolve_adapter_dir(adapters_dir: Path, name: str) -> Path:
@@ -283,13 +364,69 @@ def resolve_adapter_dir(adapters_dir: Path, name: str) -> Path:
     return path
 
 
-def _validation_message(errors: Sequence[Any]) -> str:
+def _validation_message(errors: Sequence[Any], limit: int = 5) -> str:
     parts = []
-    for error in errors:
+    for error in errors[:limit]:
         where = ".".join(str(p) for p in error.get("loc", ()))
         reason = (error.get("ctx") or {}).get("error")  # e.g. what is wrong with the JSON
         parts.append(f"{where}: {error.get('msg')}" + (f" ({reason})" if isinstance(reason, str) else ""))
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts) or "invalid request"
+
+
+class BodyLimits:
+    """ASGI middleware: reads each request body before the app sees it, answering 413 for one over
+    `max_bytes` (from Content-Length at once, or as it streams) and 408 for one still incomplete
+    `timeout_s` after the request started. Reading is async: a slow body ties up no thread, and
+    the app then gets the whole body in one message."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _reply(send, 413, f"request body of {int(length)} bytes; at most {self.max_bytes}")
+        chunks: list[bytes] = []
+        size = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                message = await asyncio.wait_for(receive(), max(remaining, 0.0))
+            except asyncio.TimeoutError:
+                return await _reply(send, 408, f"the request body did not arrive within {self.timeout_s:g} s")
+            if message["type"] == "http.disconnect":
+                return  # the client left: nothing to answer
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await _reply(send, 413, f"request body over {self.max_bytes} bytes")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls: wait for the disconnect, as the app expects
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")],
+    })
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(registry: LexLoRA, adapters_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
@@ -312,6 +449,11 @@ def create_app(registry: LexLoRA, adapters_dir: str | Path, settings: ServeSetti
     app.state.registry = registry
     app.state.batcher = batcher
     app.state.settings = settings
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -363,9 +505,15 @@ def create_app(registry: LexLoRA, adapters_dir: str | Path, settings: ServeSetti
         logger.info("unloaded adapter %s", name)
         return DeleteResponse(deleted=name, adapters=left)
 
-    @app.post("/generate", response_model=GenerateResponse, responses=_errors(404, 413, 422))
-    async def generate(request: GenerateRequest) -> GenerateResponse:
-        check_inputs(request.inputs, settings)
+    @app.post(
+        "/generate", response_model=GenerateResponse, responses=_errors(404, 408, 413, 422),
+        # The body is parsed by parse_generate_request (one function, property-tested) rather than by
+        # FastAPI; its schema is still GenerateRequest's.
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
+    )
+    async def generate(http: Request) -> GenerateResponse:
+        request = parse_generate_request(await http.body(), settings, http.headers.get("content-type"))
         # Validated here, not in the worker, so a bad request fails alone instead of its batch.
         loaded = registry.adapters.get(request.adapter)
         if loaded is None:
@@ -387,6 +535,16 @@ def create_app(registry: LexLoRA, adapters_dir: str | Path, settings: ServeSetti
             raise HTTPException(503, str(exc)) from None
         return GenerateResponse(outputs=outputs)
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas["GenerateRequest"] = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -429,6 +587,7 @@ def serve(args) -> int:
     settings = ServeSettings(
         max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
         max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms,
+        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
     )
     app = create_app(registry, adapters_dir, settings)
     url = f"http://{args.host}:{args.port}"

@@ -1,8 +1,11 @@
 """`lexlora serve`: the HTTP API over a registry of tiny adapters, run in-process by uvicorn and
 called with the stdlib."""
 
+import contextlib
 import json
+import random
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -23,7 +26,8 @@ from tests.helpers import make_model, perturb_
 
 uvicorn = pytest.importorskip("uvicorn")
 
-SETTINGS = ServeSettings(max_inputs=4, max_input_chars=50, max_batch_rows=32, batch_wait_ms=5)
+SETTINGS = ServeSettings(max_inputs=4, max_input_chars=50, max_batch_rows=32, batch_wait_ms=5, max_body_bytes=2000,
+                         body_timeout_s=20.0)
 FILES_SPEC = AdapterSpec(
     input_template="File {file} in {directory}:", target_field="description", lexical_field="file",
     fusion_mode="prefix", embedding_model="sentence-transformers/all-MiniLM-L6-v2", embedding_dim=384,
@@ -67,10 +71,9 @@ def adapters(tmp_path_factory, tokenizer):
     return root, spare, registry
 
 
-@pytest.fixture(scope="module")
-def server(adapters):
-    root, spare, registry = adapters
-    app = create_app(registry, root, SETTINGS)
+@contextlib.contextmanager
+def running(app):
+    """The app served by uvicorn on a free port, in a thread; yields its URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -79,9 +82,20 @@ def server(adapters):
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    root, spare, registry = adapters
+    app = create_app(registry, root, SETTINGS)
+    with running(app) as url:
+        assert_still_serving(url, registry)  # warm: the first call loads the embedding model
+        yield url, app
 
 
 def call(url, method="GET", body=None, raw=None, content_type="application/json"):
@@ -135,6 +149,10 @@ def test_openapi_schema_and_docs(server):
     assert status == 200
     assert {"/health", "/adapters", "/adapters/{name}", "/generate"} <= set(schema["paths"])
     assert {"GenerateRequest", "GenerateResponse", "AdapterInfo"} <= set(schema["components"]["schemas"])
+    body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert set(schema["components"]["schemas"]["GenerateRequest"]["properties"]) == {
+        "adapter", "inputs", "max_new_tokens", "num_beams"}
     with urllib.request.urlopen(f"{url}/docs", timeout=10) as response:
         assert response.status == 200 and b"swagger" in response.read().lower()
 
@@ -193,12 +211,25 @@ BAD_REQUESTS = [
     ({"adapter": "desc", "inputs": ["a"], "max_new_tokens": 10**6}, {422}, "max_new_tokens"),
     ({"adapter": "desc", "inputs": ["a"], "typo": 1}, {422}, "typo"),
     ({"inputs": ["a"]}, {422}, "adapter"),
-    ({"adapter": "desc", "inputs": []}, {413, 422}, "empty"),
-    ({"adapter": "desc", "inputs": ["a"] * 5}, {413, 422}, "at most 4"),
-    ({"adapter": "desc", "inputs": ["a" * 51]}, {413, 422}, "at most 50"),
-    ({"adapter": "files", "inputs": [{"file": "x" * 51, "directory": "d"}]}, {413, 422}, "at most 50"),
+    ({"adapter": "desc", "inputs": []}, {422}, "inputs is empty"),
+    ({"adapter": "desc", "inputs": ["a"] * 5}, {413}, "5 inputs; at most 4 per request"),
+    ({"adapter": "desc", "inputs": ["a" * 51]}, {413}, "input 0: 51 characters; at most 50 per string"),
+    ({"adapter": "files", "inputs": [{"file": "x" * 51, "directory": "d"}]}, {413}, "at most 50"),
     ({"adapter": "files", "inputs": [{"file": "main.c"}]}, {422}, "'directory'"),
     ({"adapter": "files", "inputs": ["main.c"]}, {422}, "record"),
+    # Text a tokenizer cannot take (JSON allows a lone surrogate escape).
+    (b'{"adapter": "desc", "inputs": ["a\\ud800b"]}', {422}, "input 0: not valid text"),
+    # Names, never paths: refused before any lookup.
+    ({"adapter": "../desc", "inputs": ["a"]}, {422}, "invalid adapter name '../desc'"),
+    ({"adapter": "a/b", "inputs": ["a"]}, {422}, "invalid adapter name"),
+    ({"adapter": "/etc/passwd", "inputs": ["a"]}, {422}, "invalid adapter name"),
+    ({"adapter": "desc", "inputs": ["a"], "pad": "x" * 3000}, {413}, "at most 2000"),
+    (b"[1, 2]", {422}, "must be a JSON object"),
+    (b"null", {422}, "got null"),
+    (b"[" * 3000 + b"]" * 3000, {413}, "at most 2000"),
+    (b"[" * 1500, {422}, "nested too deeply"),
+    (b'{"adapter": "desc", "inputs": ["\xff"]}', {422}, "not UTF-8"),
+    (b"\x00\x01", {422}, "not valid JSON"),
 ]
 
 
@@ -298,11 +329,148 @@ def test_serve_cli_options_and_missing_dir(tmp_path, capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--adapters", "--host", "--port", "--base", "--device", "--max-inputs", "--max-input-chars",
-                   "--max-batch-rows", "--batch-wait-ms"):
+                   "--max-batch-rows", "--batch-wait-ms", "--max-body-bytes", "--body-timeout-s"):
         assert option in help_text
     args = build_parser().parse_args(["serve", "--adapters", "x"])
-    assert (args.host, args.port, args.max_inputs, args.max_input_chars, args.max_batch_rows, args.batch_wait_ms) == (
-        "127.0.0.1", 8000, 64, 1000, 32, 5.0
-    )
+    assert (args.host, args.port, args.max_inputs, args.max_input_chars, args.max_batch_rows, args.batch_wait_ms,
+            args.max_body_bytes, args.body_timeout_s) == ("127.0.0.1", 8000, 64, 1000, 32, 5.0, 4 << 20, 30.0)
     assert main(["serve", "--adapters", str(tmp_path / "missing")]) == 2
     assert "adapters dir not found" in capsys.readouterr().err
+
+
+def test_a_request_that_breaks_its_batch_fails_alone(server, adapters, monkeypatch):
+    """If a mixed batch fails, each request in it is retried alone: only the culprit gets the 500."""
+    url, app = server
+    registry, batcher = adapters[2], app.state.batcher
+    expected = registry.generate(DESC_INPUTS, adapter="desc")
+    real_generate = registry.generate
+
+    def fails_on_poison(inputs, *args, **kwargs):
+        if any(record.get("filename") == "poison.py" for record in inputs):
+            raise RuntimeError("simulated failure on one row")
+        return real_generate(inputs, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "generate", fails_on_poison)
+    with batcher.lock:
+        threads, results = fire(url, [("desc", DESC_INPUTS), ("plain", ["poison.py"]), ("desc", DESC_INPUTS)])
+        wait_pending(batcher, 3)
+    for thread in threads:
+        thread.join(30)
+    assert results[0] == results[2] == (200, {"outputs": expected})
+    assert results[1][0] == 500 and "RuntimeError" in results[1][1]["detail"]
+
+
+def raw_connection(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def read_response(sock):
+    """(status, JSON body) of one HTTP/1.1 response read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), json.loads(body[:length])
+
+
+def post_head(length, extra=b""):
+    return (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
+            + (b"Content-Length: %d\r\n" % length if length is not None else b"") + b"\r\n")
+
+
+def test_slow_clients_do_not_block_others(server, adapters):
+    url, _ = server
+    registry = adapters[2]
+    body = json.dumps({"adapter": "desc", "inputs": DESC_INPUTS}).encode()
+    slow, silent = raw_connection(url), raw_connection(url)  # silent: connects and sends nothing
+    try:
+        slow.sendall(post_head(len(body)) + body[:10])  # headers and a little of the body, then nothing
+        started = time.monotonic()
+        for _ in range(3):  # meanwhile other clients are answered
+            assert_still_serving(url, registry)
+        assert time.monotonic() - started < SETTINGS.body_timeout_s  # (else the slow one got a 408)
+        slow.sendall(body[10:])  # the rest arrives in time: an ordinary answer
+        assert read_response(slow) == (200, {"outputs": registry.generate(DESC_INPUTS, adapter="desc")})
+    finally:
+        slow.close()
+        silent.close()
+
+
+def test_a_body_that_never_completes_times_out_with_408(adapters):
+    root, _, registry = adapters
+    settings = ServeSettings(body_timeout_s=0.5)
+    with running(create_app(registry, root, settings)) as url:
+        stalled = raw_connection(url)
+        try:
+            stalled.sendall(post_head(500) + b'{"adapter": "desc", ')
+            assert_still_serving(url, registry)
+            status, reply = read_response(stalled)  # once body_timeout_s has passed
+            assert status == 408 and reply["detail"] == "the request body did not arrive within 0.5 s"
+        finally:
+            stalled.close()
+        assert_still_serving(url, registry)
+
+
+def test_an_oversized_chunked_body_is_cut_off_with_413(server, adapters):
+    url, _ = server
+    sock = raw_connection(url)
+    try:
+        # 3 x 1000 bytes, no Content-Length to refuse up front; no end chunk: refused while it streams
+        sock.sendall(post_head(None, b"Transfer-Encoding: chunked\r\n") + (b"3e8\r\n" + b" " * 1000 + b"\r\n") * 3)
+        status, reply = read_response(sock)
+        assert status == 413 and "over 2000 bytes" in reply["detail"]
+    finally:
+        sock.close()
+    assert_still_serving(url, adapters[2])
+
+
+def test_32_concurrent_clients_mixing_adapters(server, adapters):
+    """A few hundred requests from 32 threads, mixing the three adapters (and some bad requests):
+    no 5xx, every good answer equal to its adapter alone, every bad one its own 4xx."""
+    url, app = server
+    registry = adapters[2]
+    pool = [("desc", [x]) for x in ("backup_config.json", "setup.py", "notes.txt")] + [
+        ("desc", DESC_INPUTS), ("plain", ["a.py"]), ("plain", ["Makefile", "run.sh", "x"]),
+        ("files", FILES_INPUTS[:1]), ("files", FILES_INPUTS), ("files", FILES_INPUTS[::-1]),
+    ]
+    expected = {(name, json.dumps(inputs)): registry.generate(inputs, adapter=name) for name, inputs in pool}
+    bad = [({"adapter": "nope", "inputs": ["a"]}, 404), ({"adapter": "desc", "inputs": ["a"] * 9}, 413),
+           ({"adapter": "files", "inputs": ["main.c"]}, 422)]
+    rng = random.Random(0)
+    plan = [rng.choice(pool) if rng.random() > 0.1 else rng.choice(bad) for _ in range(320)]
+    before = call(f"{url}/health")[1]
+    failures, lock = [], threading.Lock()
+
+    def client(worker):
+        for item in plan[worker::32]:
+            if isinstance(item[1], int):  # a bad request and its status
+                status, reply = call(f"{url}/generate", "POST", item[0])
+                ok = status == item[1]
+            else:
+                status, reply = generate(url, *item)
+                ok = status == 200 and reply["outputs"] == expected[(item[0], json.dumps(item[1]))]
+            if not ok:
+                with lock:
+                    failures.append((item, status, reply))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    after = call(f"{url}/health")[1]
+    assert failures == []
+    good = sum(not isinstance(item[1], int) for item in plan)
+    assert after["rows"] - before["rows"] == sum(len(item[1]) for item in plan if not isinstance(item[1], int))
+    assert after["mixed_batches"] > before["mixed_batches"]  # requests for different adapters really shared calls
+    assert after["batches"] - before["batches"] < good  # and were batched
+    print(f"{len(plan)} requests ({good} good) from 32 clients in {elapsed:.1f}s, "
+          f"{after['batches'] - before['batches']} model calls")
