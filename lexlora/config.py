@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -259,11 +260,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lora.r=16)")
-    if overrides:
+    for item in overrides:  # one at a time, so an error names the override at fault
         try:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override: {_omegaconf_message(exc)}") from None
+        except yaml.YAMLError as exc:  # the value is parsed as YAML: '[100%:]' or '{a} {b}' need quotes
+            reason = str(exc).strip().splitlines()[0]
+            key, _, value = item.partition("=")
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({reason}); quote it, e.g. {key}='{value}'"
+            ) from None
     source = f"{path}" if path is not None else "the defaults"
     try:
         merged = OmegaConf.merge(*layers)
