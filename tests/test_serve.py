@@ -36,9 +36,9 @@ DESC_INPUTS = ["backup_config.json", "setup.py"]
 FILES_INPUTS = [{"file": "main.c", "directory": "src"}, {"file": "Makefile", "directory": "."}]
 
 
-def save_tiny_adapter(path, tokenizer, mode="add", r=4, seed=1, spec=None):
+def save_tiny_adapter(path, tokenizer, mode="add", r=4, seed=1, spec=None, base_seed=0):
     """A tiny adapter whose weights are large enough that each adapter's outputs differ."""
-    base = load_base_model(tiny_model_config())
+    base = load_base_model(tiny_model_config(seed=base_seed))
     if spec is None:
         model = make_model(base, tokenizer, mode=mode, r=r)
     else:
@@ -49,7 +49,7 @@ def save_tiny_adapter(path, tokenizer, mode="add", r=4, seed=1, spec=None):
         for param in model.parameters():
             if param.requires_grad:
                 param.mul_(20)
-    meta = {"base": fingerprint(base, tiny_model_config()), "generation": {"max_new_tokens": 6}}
+    meta = {"base": fingerprint(base, tiny_model_config(seed=base_seed)), "generation": {"max_new_tokens": 6}}
     return save_adapter(model, path, meta, save_dtype="float32")
 
 
@@ -63,6 +63,7 @@ def adapters(tmp_path_factory, tokenizer):
     save_tiny_adapter(root / "plain", tokenizer, mode=None, r=8, seed=2)
     save_tiny_adapter(root / "files", tokenizer, spec=FILES_SPEC, seed=3)
     save_tiny_adapter(spare / "extra", tokenizer, mode=None, seed=4)
+    save_tiny_adapter(spare / "otherbase", tokenizer, mode=None, seed=5, base_seed=7)
     (root / "broken").mkdir()
     (root / "broken" / META_NAME).write_text("{not json")
     registry = LexLoRA.from_config(tiny_model_config())
@@ -184,6 +185,16 @@ def test_broken_adapter_dir_is_refused_with_its_error(server, adapters):
     assert status == 422 and "not valid JSON" in body["detail"]
     assert "broken" not in adapters[2]
     assert_still_serving(url, adapters[2])
+
+
+def test_adapter_of_another_base_is_refused(server, adapters):
+    url, _ = server
+    root, spare, registry = adapters
+    shutil.copytree(spare / "otherbase", root / "otherbase")
+    status, body = call(f"{url}/adapters", "POST", {"name": "otherbase"})
+    assert status == 422 and "this adapter was trained on a different base (weights differ" in body["detail"]
+    assert "otherbase" not in registry
+    assert_still_serving(url, registry)
 
 
 def test_no_client_chosen_paths(server, adapters, tmp_path):
