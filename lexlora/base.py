@@ -88,7 +88,7 @@ def default_target_modules(model_type: str, config=None) -> list[str] | str:
         if halves and all(t in BERT_LIKE for t in halves):
             return BERT_LIKE_TARGETS
         raise ModelLoadError(
-            f"no default LoRA target modules for an encoder-decoder of {' + '.join(halves) or 'unknown halves'}; "
+            f"no default LoRA target modules for an encoder-decoder of {' + '.join(halves) if halves else 'unknown halves'}; "
             "set lora.target_modules (module names, or one regex string matched against the whole module path)"
         )
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS

@@ -10,6 +10,17 @@ from torch import nn
 from lexlora.config import FUSION_MODES
 
 
+def encoder_input_width(base: nn.Module) -> int:
+    """The width of the vectors the fusion projection must produce: that of the base's encoder input
+    embeddings, whatever the family calls it (T5 `d_model`, BART `d_model`, BERT-based encoder-decoders
+    the encoder's `hidden_size`, which may differ from the decoder's)."""
+    embeddings = base.get_input_embeddings()
+    width = getattr(embeddings, "embedding_dim", None)
+    if width is None:
+        width = embeddings.weight.shape[-1]
+    return int(width)
+
+
 class LexicalFusion(nn.Module):
     """`Linear(embed_dim -> model_dim)` applied in one of three modes:
 

@@ -29,7 +29,7 @@ from lexlora.base import (
 from lexlora.config import LoraSettings
 from lexlora.data import PromptTemplate
 from lexlora.errors import AdapterError, ConfigError, DataError
-from lexlora.fusion import LexicalFusion
+from lexlora.fusion import LexicalFusion, encoder_input_width
 
 FUSION_PREFIX = "lexical_fusion."
 
@@ -170,8 +170,7 @@ class LexLoraModel(nn.Module):
         fusion = None
         if spec.fusion_enabled:
             assert spec.embedding_dim is not None
-            model_dim = base.get_input_embeddings().embedding_dim
-            fusion = LexicalFusion(spec.embedding_dim, model_dim, spec.fusion_mode or "add")
+            fusion = LexicalFusion(spec.embedding_dim, encoder_input_width(base), spec.fusion_mode or "add")
         return cls(peft_model, tokenizer, spec, fusion)
 
     # ---- parameters -------------------------------------------------------------------------

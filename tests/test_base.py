@@ -193,3 +193,110 @@ def test_unknown_quantization_is_a_config_error():
         check_quantization(ModelConfig(quantization="3bit"))
     with pytest.raises(ConfigError, match="must be one of"):
         quantization_config("3bit")
+
+
+# ---- other families: BART / mBART by path, warm-started and saved encoder-decoders -----------------
+
+from lexlora.base import (  # noqa: E402
+    BERT_LIKE_TARGETS,
+    base_config,
+    default_modules_to_save,
+    load_tokenizer,
+    parse_encoder_decoder,
+)
+from tests.helpers import MINILM, save_tiny_bart, save_tiny_bert, save_tiny_bert2bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    bert = save_tiny_bert(root / "bert")
+    return {
+        "bart": save_tiny_bart(root / "bart", "bart"),
+        "mbart": save_tiny_bart(root / "mbart", "mbart"),
+        "bert": bert,
+        "bert2bert": save_tiny_bert2bert(root / "bert2bert", bert),
+    }
+
+
+def test_encoder_decoder_names():
+    assert parse_encoder_decoder("encoder-decoder:a/b+c/d") == ("a/b", "c/d")
+    assert parse_encoder_decoder("encoder-decoder: a/b ") == ("a/b", "a/b")
+    assert parse_encoder_decoder("google/flan-t5-small") is None
+    for bad in ("encoder-decoder:", "encoder-decoder:a+b+c", "encoder-decoder:a+"):
+        with pytest.raises(ConfigError, match="ENCODER_ID\\+DECODER_ID"):
+            parse_encoder_decoder(bad)
+
+
+@pytest.mark.parametrize("kind", ["bart", "mbart"])
+def test_bart_family_loads_by_path_like_a_hub_id(tiny_dirs, kind):
+    config = ModelConfig(name_or_path=str(tiny_dirs[kind]))
+    base = load_base_model(config)
+    assert base.config.model_type == kind and not base.training
+    assert not any(p.requires_grad for p in base.parameters())
+    fp = fingerprint(base, config)
+    assert fp["model_type"] == kind and fp["vocab_size"] == base.config.vocab_size
+    assert fingerprint(load_base_model(config), config) == fp
+
+
+def test_warm_start_is_deterministic_from_its_seed_and_generates_bert_style(tiny_dirs):
+    name = f"encoder-decoder:{tiny_dirs['bert']}"
+    a = load_base_model(ModelConfig(name_or_path=name, init_seed=1))
+    b = load_base_model(ModelConfig(name_or_path=name, init_seed=1))
+    c = load_base_model(ModelConfig(name_or_path=name, init_seed=2))
+    assert a.config.model_type == "encoder-decoder" and a.name_or_path == name
+    fa, fb, fc = (fingerprint(m, ModelConfig(name_or_path=name, init_seed=s)) for m, s in ((a, 1), (b, 1), (c, 2)))
+    assert fa == fb and fa["init_seed"] == 1
+    # The encoder's weights are the checkpoint's; the new cross-attention differs by seed, and so does the digest.
+    assert torch.equal(a.encoder.embeddings.word_embeddings.weight, c.encoder.embeddings.word_embeddings.weight)
+    assert fa["architecture_sha256"] == fc["architecture_sha256"] and fa["weights_sha256"] != fc["weights_sha256"]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=name))
+    for holder in (a.config, a.generation_config):
+        assert holder.decoder_start_token_id == tokenizer.cls_token_id
+        assert holder.eos_token_id == tokenizer.sep_token_id and holder.pad_token_id == tokenizer.pad_token_id
+    enc = tokenizer(["backup_config"], return_tensors="pt")
+    ids = a.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert ids[0, 0].item() == tokenizer.cls_token_id and ids.shape[1] <= 5
+
+
+def test_a_saved_encoder_decoder_loads_by_path(tiny_dirs):
+    config = ModelConfig(name_or_path=str(tiny_dirs["bert2bert"]))
+    base = load_base_model(config)
+    assert type(base).__name__ == "EncoderDecoderModel"
+    assert base.generation_config.decoder_start_token_id == load_tokenizer(config).cls_token_id
+    assert fingerprint(base, config)["vocab_size"] == base.config.decoder.vocab_size
+    # A trained bert2bert already has its cross-attention: nothing is trained in full by default.
+    assert default_modules_to_save("encoder-decoder", str(tiny_dirs["bert2bert"]), base.config) is None
+
+
+def test_encoder_decoder_defaults_train_the_new_cross_attention():
+    config = base_config(f"encoder-decoder:{MINILM}")
+    assert default_target_modules("encoder-decoder", config) == BERT_LIKE_TARGETS
+    assert default_modules_to_save("encoder-decoder", f"encoder-decoder:{MINILM}", config) == [
+        "crossattention", "predictions.transform"]
+    with pytest.raises(ModelLoadError, match="lora.target_modules"):
+        default_target_modules("encoder-decoder", None)
+
+
+def test_random_init_warm_start_for_tests_and_benchmarks():
+    config = ModelConfig(name_or_path=f"encoder-decoder:{MINILM}", random_init=True,
+                         config_overrides={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                           "intermediate_size": 32})
+    base = load_base_model(config)
+    assert base.config.encoder.hidden_size == 16 and base.config.decoder.add_cross_attention
+    assert fingerprint(base, config) == fingerprint(load_base_model(config), config)
+
+
+def test_warm_start_refuses_quantization_and_overrides_without_random_init(tiny_dirs, monkeypatch):
+    import lexlora.base as base_module
+
+    monkeypatch.setattr(base_module, "check_quantization", lambda model: None)  # as if CUDA + bitsandbytes
+    with pytest.raises(ConfigError, match="not supported for a warm-started"):
+        load_base_model(ModelConfig(name_or_path=f"encoder-decoder:{tiny_dirs['bert']}", quantization="8bit"))
+    with pytest.raises(ModelLoadError, match="only applies with model.random_init"):
+        load_base_model(ModelConfig(name_or_path=f"encoder-decoder:{tiny_dirs['bert']}", config_overrides={"hidden_size": 8}))
+
+
+def test_encoder_and_decoder_tokenizers_must_agree(tiny_dirs):
+    with pytest.raises(ModelLoadError, match="share a vocabulary"):
+        load_tokenizer(ModelConfig(name_or_path=f"encoder-decoder:{tiny_dirs['bert']}+{tiny_dirs['bart']}"))

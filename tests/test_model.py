@@ -146,3 +146,126 @@ def test_training_forward_builds_no_decoder_cache(tiny_base, tokenizer):
     model.eval()
     with torch.no_grad():
         assert model(ids, mask, lexical_embeds=lexical, decoder_input_ids=decoder).past_key_values is not None
+
+
+# ---- other families: BART, mBART, warm-started and saved BERT encoder-decoders -----------------------
+
+from lexlora.base import load_base_model, load_tokenizer  # noqa: E402
+from lexlora.config import LoraSettings, ModelConfig  # noqa: E402
+from lexlora.model import build_lora_config  # noqa: E402
+from tests.helpers import family_batch, make_model_for, save_family_bases  # noqa: E402
+
+FAMILIES = ["bart", "mbart", "warm-start", "bert2bert"]
+EXPECTED_TARGETS = {
+    "bart": {"q_proj", "k_proj", "v_proj", "out_proj"},
+    "mbart": {"q_proj", "k_proj", "v_proj", "out_proj"},
+    "warm-start": {"query", "key", "value", "dense"},
+    "bert2bert": {"query", "key", "value", "dense"},
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return save_family_bases(tmp_path_factory.mktemp("families"))
+
+
+def family(families, kind):
+    config = ModelConfig(name_or_path=families[kind])
+    return load_base_model(config), load_tokenizer(config), config
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("mode", ["add", None])
+def test_fresh_adapter_computes_what_the_base_computes_in_every_family(families, kind, mode):
+    base, tokenizer, config = family(families, kind)
+    ids, mask, lexical, labels = family_batch(tokenizer)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask, labels=labels).logits
+    model = make_model_for(base, tokenizer, config.name_or_path, mode).eval()
+    with torch.no_grad():
+        got = model(ids, mask, labels=labels, lexical_embeds=lexical if mode else None).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_lora_targets_and_fusion_width_per_family(families, kind):
+    base, tokenizer, config = family(families, kind)
+    width = base.get_input_embeddings().embedding_dim
+    model = make_model_for(base, tokenizer, config.name_or_path, "add")
+    assert model.lexical_fusion.proj.weight.shape == (width, 384)
+    lora_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert {path.rsplit(".", 1)[-1] for path in lora_layers} == EXPECTED_TARGETS[kind]
+    # Cross-attention is never a LoRA target in a BERT encoder-decoder (the regex needs ".attention.").
+    assert not any("crossattention" in path for path in lora_layers)
+    if kind in ("warm-start", "bert2bert"):
+        decoder_self = [p for p in lora_layers if ".model.decoder." in p and ".attention.self." in p]
+        assert decoder_self, "the decoder's self-attention gets LoRA too"
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_generate_runs_through_encoder_outputs_in_every_family(families, kind):
+    base, tokenizer, config = family(families, kind)
+    ids, mask, lexical, _ = family_batch(tokenizer)
+    model = make_model_for(base, tokenizer, config.name_or_path, "prefix").eval()
+    perturb_(model)
+    out = model.generate(ids, mask, lexical, max_new_tokens=5, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= 6
+    # Greedy decoding through precomputed encoder outputs equals decoding with the fused embeddings.
+    embeds, fused_mask = model.encoder_inputs(ids, mask, lexical)
+    again = model.peft_model.generate(inputs_embeds=embeds, attention_mask=fused_mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out, again)
+
+
+def test_warm_start_trains_its_new_cross_attention_in_full(families):
+    base, tokenizer, config = family(families, "warm-start")
+    full_size = sum(p.numel() for p in base.parameters())
+    model = make_model_for(base, tokenizer, config.name_or_path, "add")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    full = [n for n in trainable if "lora_" not in n and "lexical_fusion" not in n]
+    assert full and all(".modules_to_save.default." in n for n in full)
+    assert any("crossattention" in n for n in full) and any("predictions.transform" in n for n in full)
+    assert not any("word_embeddings" in n or "predictions.decoder" in n for n in full)
+    trainable_count, total = model.parameter_counts()
+    lora_and_fusion = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "lexical_fusion" in n)
+    assert total == full_size + lora_and_fusion  # the frozen originals are not counted twice
+    # The trained copies are saved with the adapter, under the base's own module paths.
+    state = model.trainable_state_dict()
+    assert any(k.endswith("crossattention.self.query.weight") for k in state)
+    assert not any("modules_to_save" in k or "original_module" in k for k in state)
+
+
+def test_modules_to_save_can_be_turned_off_or_chosen():
+    from lexlora.base import base_config
+    from tests.helpers import MINILM
+
+    name = f"encoder-decoder:{MINILM}"
+    config = base_config(name)
+    assert build_lora_config(LoraSettings(), "encoder-decoder", name, config).modules_to_save == [
+        "crossattention", "predictions.transform"]
+    assert not build_lora_config(LoraSettings(extra={"modules_to_save": []}), "encoder-decoder", name, config).modules_to_save
+    regex = build_lora_config(LoraSettings(target_modules=[".*\\.query"]), "encoder-decoder", name, config)
+    assert regex.target_modules == ".*\\.query"  # one regex in the list: PEFT's whole-path match
+    names = build_lora_config(LoraSettings(target_modules=["q", "v"]), "t5", "google/flan-t5-small")
+    assert set(names.target_modules) == {"q", "v"} and names.modules_to_save is None
+
+
+def test_warm_start_adapter_saves_and_loads_its_cross_attention(families, tmp_path):
+    from lexlora.adapters import load_adapter, save_adapter
+    from lexlora.base import fingerprint
+
+    base, tokenizer, config = family(families, "warm-start")
+    model = make_model_for(base, tokenizer, config.name_or_path, "first").eval()
+    perturb_(model)
+    ids, mask, lexical, labels = family_batch(tokenizer)
+    with torch.no_grad():
+        expected = model(ids, mask, labels=labels, lexical_embeds=lexical).logits
+    path = save_adapter(model, tmp_path / "ws", {"base": fingerprint(base, config)}, save_dtype="float32")
+    loaded = load_adapter(path)  # builds the base named in lexlora.json: encoder-decoder:<dir>, seed 0
+    with torch.no_grad():
+        got = loaded(ids, mask, labels=labels, lexical_embeds=lexical).logits
+    assert torch.equal(got, expected)
+    # The restored cross-attention is the trained one, not the fresh base's.
+    query = "decoder.bert.encoder.layer.0.crossattention.self.query.weight"
+    fresh = dict(load_base_model(config).named_parameters())[query]
+    trained = loaded.trainable_state_dict()[f"base_model.model.{query}"]
+    assert not torch.equal(trained, fresh)
