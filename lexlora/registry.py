@@ -28,7 +28,7 @@ from lexlora.base import check_fingerprint, fingerprint, load_base_model, load_t
 from lexlora.config import ModelConfig
 from lexlora.embeddings import LexicalEncoder
 from lexlora.errors import AdapterError, DataError
-from lexlora.fusion import fuse
+from lexlora.fusion import encoder_input_width, fuse
 from lexlora.model import FUSION_PREFIX, AdapterSpec
 from lexlora.routing import LoraRouter, LoraWeights
 
@@ -162,7 +162,7 @@ class LexLoRA:
         fusion = {k[len(FUSION_PREFIX):]: v for k, v in files.state.items() if k.startswith(FUSION_PREFIX)}
         spec = files.spec
         if spec.fusion_enabled:
-            model_dim = self.base.get_input_embeddings().embedding_dim
+            model_dim = encoder_input_width(self.base)
             weight, bias = fusion.get("proj.weight"), fusion.get("proj.bias")
             expected = (model_dim, spec.embedding_dim)
             if weight is None or bias is None or tuple(weight.shape) != expected or tuple(bias.shape) != (model_dim,):

@@ -7,8 +7,11 @@ is a dict of (A, B) tensors per targeted Linear, a hook on each targeted Linear 
 `B(A(x)) * scaling` (the arithmetic of PEFT's LoRA Linear at inference), and which adapter a row uses is decided
 per call: loading touches only the new adapter's tensors and switching touches nothing.
 
-Plain LoRA only: DoRA, LoRA bias, per-module rank/alpha patterns and `modules_to_save` are refused
-(load those with `lexlora.adapters.load_adapter`, which goes through PEFT).
+Modules an adapter trains in full (PEFT `modules_to_save`, e.g. a warm-started encoder-decoder's
+cross-attention) are routed the same way when they are made of Linear and LayerNorm layers: a hook on
+each such layer recomputes its output with the adapter's own weights for that adapter's rows. Other
+full modules, DoRA, LoRA bias and per-module rank/alpha patterns are refused (load those with
+`lexlora.adapters.load_adapter`, which goes through PEFT).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ UNSUPPORTED = {
     "lora_bias": "a LoRA bias",
     "rank_pattern": "per-module ranks (rank_pattern)",
     "alpha_pattern": "per-module alphas (alpha_pattern)",
-    "modules_to_save": "modules_to_save",
     "layer_replication": "layer_replication",
     "fan_in_fan_out": "fan_in_fan_out",
 }
@@ -48,15 +50,35 @@ class LoraDelta:
     scaling: float
 
 
-class LoraWeights:
-    """One adapter's LoRA deltas, keyed by the base module path they apply to."""
+@dataclass
+class ModuleWeights:
+    """A Linear or LayerNorm the adapter trained in full (modules_to_save): its weights replace the
+    base's for the adapter's rows."""
 
-    def __init__(self, deltas: dict[str, LoraDelta]):
-        self.deltas = deltas
+    kind: str  # "linear" or "layer_norm"
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
     @property
     def nbytes(self) -> int:
-        return sum(d.A.nbytes + d.B.nbytes for d in self.deltas.values())
+        return self.weight.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+
+class LoraWeights:
+    """One adapter's LoRA deltas, keyed by the base module path they apply to, and the layers it
+    replaces in full (modules_to_save), keyed likewise."""
+
+    def __init__(self, deltas: dict[str, LoraDelta], modules: dict[str, ModuleWeights] | None = None):
+        self.deltas = deltas
+        self.modules = modules or {}
+
+    @property
+    def paths(self) -> set[str]:
+        return set(self.deltas) | set(self.modules)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.A.nbytes + d.B.nbytes for d in self.deltas.values()) + sum(m.nbytes for m in self.modules.values())
 
     @classmethod
     def from_peft_state(
@@ -76,13 +98,20 @@ class LoraWeights:
                     "with lexlora.adapters.load_adapter (or `lexlora generate`)"
                 )
         scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+        saved_roots = list(getattr(config, "modules_to_save", None) or [])
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        full: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             path, dot, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-            if not key.startswith(PEFT_PREFIX) or not dot or kind not in ("A.weight", "B.weight"):
-                raise AdapterError(f"{source}: unexpected tensor {key} (not a plain LoRA A/B weight)")
-            pairs.setdefault(path, {})[kind[0]] = tensor
-        if not pairs:
+            if key.startswith(PEFT_PREFIX) and dot and kind in ("A.weight", "B.weight"):
+                pairs.setdefault(path, {})[kind[0]] = tensor
+                continue
+            module_path, _, param = key.removeprefix(PEFT_PREFIX).rpartition(".")
+            if key.startswith(PEFT_PREFIX) and saved_roots and _under_saved_root(module_path, saved_roots):
+                full.setdefault(module_path, {})[param] = tensor
+                continue
+            raise AdapterError(f"{source}: unexpected tensor {key} (not a plain LoRA A/B weight)")
+        if not pairs and not full:
             raise AdapterError(f"{source}: no LoRA weights found")
         modules = dict(base.named_modules())
         deltas = {}
@@ -101,7 +130,50 @@ class LoraWeights:
                 )
             device_ = device if device is not None else module.weight.device
             deltas[path] = LoraDelta(A.to(device_), B.to(device_), scaling)
-        return cls(deltas)
+        replaced = {path: _module_weights(path, params, modules.get(path), source, device) for path, params in full.items()}
+        for path in deltas:
+            if any(path == other or path.startswith(other + ".") for other in replaced):
+                raise AdapterError(f"{source}: {path} has LoRA weights inside a module the adapter trains in full")
+        _check_complete(replaced, saved_roots, modules, source)
+        return cls(deltas, replaced)
+
+
+def _under_saved_root(module_path: str, roots: Sequence[str]) -> bool:
+    """Whether a module path lies inside a module matched by modules_to_save (PEFT matches by suffix)."""
+    parts = module_path.split(".")
+    return any(".".join(parts[:i]).endswith(root) for root in roots for i in range(1, len(parts) + 1))
+
+
+def _module_weights(path: str, params: dict[str, torch.Tensor], module: nn.Module | None, source: str,
+                    device: torch.device | str | None) -> ModuleWeights:
+    if isinstance(module, nn.Linear):
+        kind = "linear"
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        kind = "layer_norm"
+    else:
+        what = type(module).__name__ if module is not None else "no module of the base"
+        raise AdapterError(
+            f"{source}: the adapter trains {path} in full ({what}); only Linear and LayerNorm layers can be "
+            "hot-swapped. Load this adapter on its own with lexlora.adapters.load_adapter (or `lexlora generate`)"
+        )
+    expected = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False)}
+    got = {name: tuple(t.shape) for name, t in params.items()}
+    if got != expected:
+        raise AdapterError(f"{source}: {path} is saved with {got}; this base's {type(module).__name__} has {expected}")
+    device_ = device if device is not None else module.weight.device
+    bias = params.get("bias")
+    return ModuleWeights(kind, params["weight"].to(device_), bias.to(device_) if bias is not None else None)
+
+
+def _check_complete(replaced: dict[str, ModuleWeights], roots: Sequence[str], modules: dict[str, nn.Module], source: str) -> None:
+    """Every parameter-holding layer inside a module trained in full must come with the adapter."""
+    for path, module in modules.items():
+        if not path or not _under_saved_root(path, roots) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if path not in replaced:
+            raise AdapterError(
+                f"{source}: the adapter trains the modules {list(roots)} in full but has no weights for {path}"
+            )
 
 
 class Route:
@@ -120,6 +192,8 @@ class Route:
         self.single = self.adapters[0] if len(self.adapters) == 1 and None not in self.rows else None
         self._weights: dict[str, tuple[torch.Tensor, torch.Tensor, list[LoraWeights]] | None] = {}
         self._masks: dict[tuple[str, int], torch.Tensor] = {}
+        self._replaced: dict[str, list] = {}
+        self._row_masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _stacked(self, path: str, like: torch.Tensor):
         if path not in self._weights:
@@ -152,6 +226,37 @@ class Route:
             self._masks[key] = mask.repeat_interleave(repeat, dim=0).unsqueeze(1).to(like.device)
         return self._masks[key]
 
+    def replace(self, path: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The output of a layer that some of this call's adapters trained in full: their rows get it
+        recomputed with their own weights, the other rows keep the base's."""
+        users = [w for w in self.adapters if path in w.modules]
+        if not users:
+            return output
+        if path not in self._replaced:
+            self._replaced[path] = [
+                (w, w.modules[path].weight.to(x.device, x.dtype),
+                 w.modules[path].bias.to(x.device, x.dtype) if w.modules[path].bias is not None else None)
+                for w in users
+            ]
+        for weights, weight, bias in self._replaced[path]:
+            if weights.modules[path].kind == "linear":
+                new = F.linear(x, weight, bias)
+            else:
+                new = F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+            if self.single is weights:
+                return new
+            output = torch.where(self._rows_of(weights, x.shape[0], x.dim(), x.device), new, output)
+        return output
+
+    def _rows_of(self, weights: LoraWeights, batch: int, dims: int, device: torch.device) -> torch.Tensor:
+        key = (id(weights), batch, dims)
+        if key not in self._row_masks:
+            if batch % len(self.rows):
+                raise RuntimeError(f"a layer saw {batch} rows for a call of {len(self.rows)}")
+            mask = torch.tensor([w is weights for w in self.rows]).repeat_interleave(batch // len(self.rows))
+            self._row_masks[key] = mask.view(batch, *([1] * (dims - 1))).to(device)
+        return self._row_masks[key]
+
     def apply(self, path: str, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         stacked = self._stacked(path, x)
         if stacked is None:
@@ -174,13 +279,13 @@ class LoraRouter:
         self._route: Route | None = None
 
     def attach(self, weights: LoraWeights) -> None:
-        for path in weights.deltas:
+        for path in weights.paths:
             if path not in self._hooks:
                 self._hooks[path] = self._modules[path].register_forward_hook(self._hook_for(path))
             self._users[path] += 1
 
     def detach(self, weights: LoraWeights) -> None:
-        for path in weights.deltas:
+        for path in weights.paths:
             self._users[path] -= 1
             if self._users[path] <= 0:
                 del self._users[path]
@@ -189,7 +294,9 @@ class LoraRouter:
     def _hook_for(self, path: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             route = self._route
-            return None if route is None else route.apply(path, args[0], output)
+            if route is None:
+                return None
+            return route.apply(path, args[0], route.replace(path, module, args[0], output))
 
         return hook
 

@@ -135,3 +135,82 @@ def test_refuses_what_it_cannot_reproduce(two_adapters):
     config.use_dora = True
     with pytest.raises(AdapterError, match="DoRA"):
         LoraWeights.from_peft_state(state, config, base, "src")
+
+
+# ---- adapters that train whole modules (a warm-started encoder-decoder's cross-attention) ----------
+
+from lexlora.base import load_base_model, load_tokenizer  # noqa: E402
+from lexlora.config import ModelConfig  # noqa: E402
+from tests.helpers import family_batch, make_model_for, save_tiny_bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def warm_start_name(tmp_path_factory):
+    return f"encoder-decoder:{save_tiny_bert(tmp_path_factory.mktemp('bert') / 'bert')}"
+
+
+@pytest.fixture()
+def warm_adapters(warm_start_name):
+    """Two warm-start adapters (LoRA + their own cross-attention and LM-head transform), trained-like,
+    and a clean base of the same weights."""
+    config = ModelConfig(name_or_path=warm_start_name)
+    tokenizer = load_tokenizer(config)
+    models = []
+    for seed, r in ((1, 4), (2, 6)):
+        model = make_model_for(load_base_model(config), tokenizer, warm_start_name, mode=None, r=r).eval()
+        perturb_(model, seed=seed)
+        models.append(model)
+    return models[0], models[1], load_base_model(config), tokenizer
+
+
+def test_modules_trained_in_full_route_like_peft(warm_adapters):
+    first, second, base, tokenizer = warm_adapters
+    ids, mask, _, labels = family_batch(tokenizer)
+    a, b = weights_of(first, base), weights_of(second, base)
+    assert any("crossattention" in path for path in a.modules)
+    assert {m.kind for m in a.modules.values()} == {"linear", "layer_norm"}
+    router = LoraRouter(base)
+    router.attach(a)
+    router.attach(b)
+    alone_a, alone_b = logits(first, ids, mask, labels), logits(second, ids, mask, labels)
+    base_only = logits(base, ids, mask, labels)
+    with router.route([a, a]):
+        torch.testing.assert_close(logits(base, ids, mask, labels), alone_a, rtol=1e-5, atol=1e-5)
+    with router.route([a, b]):
+        mixed = logits(base, ids, mask, labels)
+    torch.testing.assert_close(mixed[0], alone_a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], alone_b[1], rtol=1e-5, atol=1e-5)
+    with router.route([None, b]):
+        partial = logits(base, ids, mask, labels)
+    torch.testing.assert_close(partial[0], base_only[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partial[1], alone_b[1], rtol=1e-5, atol=1e-5)
+    # Beams: each decoder row keeps its adapter's cross-attention.
+    kwargs = {"max_new_tokens": 4, "num_beams": 2, "do_sample": False}
+    with router.route([a, b]), torch.no_grad():
+        beams = base.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with torch.no_grad():
+        expected_a = first.peft_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        expected_b = second.peft_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert beams[0].tolist()[: len(expected_a[0])] == expected_a[0].tolist()[: len(beams[0])]
+    assert beams[1].tolist()[: len(expected_b[1])] == expected_b[1].tolist()[: len(beams[1])]
+    router.detach(a)
+    router.detach(b)
+    assert all(not m._forward_hooks for m in base.modules())
+
+
+def test_modules_trained_in_full_are_checked(warm_adapters):
+    first, _, base, _ = warm_adapters
+    config = first.peft_model.peft_config["default"]
+    state = lora_state(first)
+    key = next(k for k in state if k.endswith("crossattention.output.LayerNorm.weight"))
+    with pytest.raises(AdapterError, match="has no weights for"):
+        LoraWeights.from_peft_state({k: v for k, v in state.items() if not k.startswith(key.rsplit(".", 1)[0])},
+                                    config, base, "src")
+    with pytest.raises(AdapterError, match="this base's Linear"):
+        LoraWeights.from_peft_state({**state, next(k for k in state if k.endswith("crossattention.self.query.weight")):
+                                     torch.zeros(3, 3)}, config, base, "src")
+    # A module that is not a Linear or LayerNorm (here the word embeddings) cannot be hot-swapped.
+    config.modules_to_save = ["crossattention", "predictions.transform", "embeddings.word_embeddings"]
+    extra = {"base_model.model.encoder.embeddings.word_embeddings.weight": base.encoder.embeddings.word_embeddings.weight}
+    with pytest.raises(AdapterError, match="only Linear and LayerNorm layers can be hot-swapped"):
+        LoraWeights.from_peft_state({**state, **extra}, config, base, "src")
