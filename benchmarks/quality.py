@@ -225,6 +225,9 @@ def label(arm: str) -> str:
 
 
 def write_report(args, results: list[dict], command: str, started: datetime.datetime, wall: float) -> str:
+    from lexlora.config import load_config
+
+    cfg = load_config(args.config, list(args.override))
     full = next((r for r in results if r["arm"] == "full"), None)
     lines = [
         "# Quality: does a lexlora adapter make the model better at its task?",
@@ -235,11 +238,15 @@ def write_report(args, results: list[dict], command: str, started: datetime.date
         f"({platform.processor() or platform.machine()}); torch {_version('torch')}, transformers {_version('transformers')}, "
         f"peft {_version('peft')}.",
         "",
-        f"Base: `{_base_id(args)}` (warm-started encoder-decoder, cross-attention new, seed 0), config "
-        f"`{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`. "
-        f"Seed's data and split: {args.data_note}. Same seed (42), batch 16, {args.steps} optimizer steps, linear "
-        "schedule with 6% warmup, clipping at 1.0, the epoch with the lowest validation loss kept; greedy decoding "
-        "(max_new_tokens 48) on the test split, ROUGE F-measures (Porter stemming, mean over rows).",
+        f"Base: `{cfg.model.name_or_path}`{' (warm-started encoder-decoder: its cross-attention is new, initialised from seed ' + str(cfg.model.init_seed) + ', and trained in full in every arm)' if cfg.model.name_or_path.startswith('encoder-decoder:') else ''}, config "
+        f"`{Path(args.config).relative_to(ROOT) if Path(args.config).resolve().is_relative_to(ROOT) else args.config}`"
+        f"{' with ' + ' '.join(args.override) if args.override else ''}. "
+        f"Seed's data and split: {args.data_note}. Same seed ({cfg.train.seed}), batch {cfg.train.batch_size}, "
+        f"{args.steps} optimizer steps, linear schedule with {100 * cfg.train.warmup_ratio:g}% warmup, clipping at "
+        f"{cfg.train.max_grad_norm:g}, the epoch with the lowest validation loss kept; greedy decoding "
+        f"(max_new_tokens {cfg.generation.max_new_tokens}) on the test split, ROUGE F-measures (Porter stemming, mean over rows). "
+        f"LoRA: r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout:g}, targets "
+        f"{cfg.lora.target_modules or 'the default for the architecture'}.",
         "",
         "| arm | ROUGE-1 | ROUGE-2 | ROUGE-L | trainable params | trainable % of model | share of full FT's trainable | lr | train s | best epoch (val loss) | load avg (5 min) before / after |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -276,12 +283,6 @@ def _version(name: str) -> str:
         return "?"
 
 
-def _base_id(args) -> str:
-    import yaml
-
-    return (yaml.safe_load(Path(args.config).read_text()).get("model") or {}).get("name_or_path", "?")
-
-
 def result_line(results: list[dict]) -> str:
     by_arm = {r["arm"]: r for r in results}
     fusion = [r for r in results if r["arm"].startswith("fusion-")]
@@ -303,6 +304,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-test-rows", type=int, default=None, help="score only the first N test rows")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     parser.add_argument("--work", default=None, help="adapters and per-arm JSON (default: a temp dir)")
+    parser.add_argument("--from-json", help="rewrite --out from a finished study's JSON (no training)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("override", nargs="*", help="dotted config overrides for every lexlora arm, e.g. lora.r=8")
@@ -310,6 +312,15 @@ def main(argv=None) -> int:
     args.data_note = "file_description.jsonl, train [:85%] / validation [85%:95%] / test [95%:] (1707 / 201 / 100 rows)"
     if args.arm:
         return child(args)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        started_at = datetime.datetime.fromisoformat(saved["date"])
+        args.steps = saved.get("steps", args.steps)
+        report = write_report(args, saved["results"], saved["command"], started_at, saved.get("wall_seconds", float("nan")))
+        line = result_line(saved["results"])
+        Path(args.out).write_text(report + f"\n```\n{line}\n```\n")
+        print(line)
+        return 0
 
     os.environ.setdefault("LEXLORA_CACHE", tempfile.mkdtemp(prefix="lexlora-quality-cache-"))
     args.work = args.work or tempfile.mkdtemp(prefix="lexlora-quality-")
@@ -346,7 +357,8 @@ def main(argv=None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(report)
     out_md.with_suffix(".json").write_text(json.dumps(
-        {"command": command.strip(), "date": started_at.isoformat(), "results": results, "result_line": line}, indent=1) + "\n")
+        {"command": command.strip(), "date": started_at.isoformat(), "steps": args.steps,
+         "wall_seconds": time.perf_counter() - wall, "results": results, "result_line": line}, indent=1) + "\n")
     print(report)
     print(line, flush=True)
     return 0 if results else 1
