@@ -39,6 +39,13 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
     "longt5": ["q", "k", "v", "o"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "mbart": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    # BART-derived families name their attention projections alike.
+    "pegasus": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "marian": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "m2m_100": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "blenderbot": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "blenderbot-small": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "plbart": ["q_proj", "k_proj", "v_proj", "out_proj"],
 }
 
 # T5-family models overflow in fp16 (they were trained in bf16).

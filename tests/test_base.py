@@ -300,3 +300,21 @@ def test_warm_start_refuses_quantization_and_overrides_without_random_init(tiny_
 def test_encoder_and_decoder_tokenizers_must_agree(tiny_dirs):
     with pytest.raises(ModelLoadError, match="share a vocabulary"):
         load_tokenizer(ModelConfig(name_or_path=f"encoder-decoder:{tiny_dirs['bert']}+{tiny_dirs['bart']}"))
+
+
+@pytest.mark.parametrize("model_type", ["pegasus", "marian", "m2m_100", "blenderbot", "blenderbot-small", "plbart"])
+def test_bart_derived_families_have_their_targets(model_type):
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from lexlora.config import LoraSettings
+    from lexlora.model import build_lora_config
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=0)
+    base = AutoModelForSeq2SeqLM.from_config(config)
+    model = get_peft_model(base, build_lora_config(LoraSettings(r=2), model_type, "tiny"))
+    targeted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "out_proj"}
