@@ -2,6 +2,7 @@
 round trips, mixed-adapter batches, refused loads that leave the registry as it was, and the three
 dataset configs trained tiny and swapped."""
 
+import json
 import shutil
 
 import pytest
@@ -262,3 +263,71 @@ def test_disable_adapters_runs_the_base_on_the_adapters_prompts(registry):
     assert not torch.allclose(adapted, base_logits)
     # Back on after the block.
     torch.testing.assert_close(registry.forward(INPUTS, adapter="desc", targets=targets).logits, adapted)
+
+
+# ---- other bases: BART by path, a warm-started encoder-decoder trained through lexlora -----------------
+
+from lexlora.config import ModelConfig  # noqa: E402
+from tests.helpers import TINY_BERT, make_model_for, save_tiny_bart  # noqa: E402
+
+
+def test_bart_adapters_on_one_base_match_peft(tmp_path):
+    name = str(save_tiny_bart(tmp_path / "bart", "bart"))
+    config = ModelConfig(name_or_path=name)
+    dirs = {}
+    for adapter, (mode, seed) in {"b1": ("add", 1), "b2": (None, 2)}.items():
+        base = load_base_model(config)
+        model = make_model_for(base, load_tokenizer(config), name, mode)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        dirs[adapter] = save_adapter(model, tmp_path / adapter, {"base": fingerprint(base, config),
+                                                                 "generation": {"max_new_tokens": 5}})
+    registry = LexLoRA.for_adapter(dirs["b1"])
+    for adapter, path in dirs.items():
+        registry.load_adapter(path)
+        assert registry.generate(INPUTS, adapter=adapter) == alone_through_peft(path, INPUTS, 5)
+    mixed = registry.generate(INPUTS, adapter=["b1", "b2", "b1"])
+    assert mixed == [registry.generate([x], adapter=n)[0] for x, n in zip(INPUTS, ["b1", "b2", "b1"])]
+
+
+def test_warm_start_trains_saves_hot_swaps_and_evaluates(tmp_path, stdlib_data):
+    """configs/minilm_file_description.yaml on a tiny random warm start: lexlora.training saves the
+    trained cross-attention with each adapter; the registry routes it per row, like PEFT alone."""
+    from lexlora.evaluation import run_evaluation
+    from lexlora.training import train
+
+    overrides = [
+        "model.random_init=true", "train.max_steps=3", "train.batch_size=4", "train.eval_batch_size=8",
+        "train.log_every=1", f"data.path={stdlib_data}", "data.target_field=description",
+        "data.splits={train: '[:16]', validation: '[16:20]', test: '[20:24]'}", "generation.max_new_tokens=5",
+        "lora.r=4",
+    ]
+    paths = {}
+    for name, mode in (("ws-add", "add"), ("ws-prefix", "prefix")):
+        config = load_config(ROOT / "configs" / "minilm_file_description.yaml",
+                             [*overrides, f"fusion.mode={mode}", f"output_dir={tmp_path / name}"])
+        config.model.config_overrides = dict(TINY_BERT)
+        result = train(config)
+        assert 0 < result.metrics["trainable_pct"] < 100
+        paths[name] = result.output_dir
+    saved = json.loads((paths["ws-add"] / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["crossattention", "predictions.transform"]
+    assert saved["base_model_name_or_path"].startswith("encoder-decoder:")
+
+    registry = LexLoRA.for_adapter(paths["ws-add"])
+    for name, path in paths.items():
+        registry.load_adapter(path)
+        assert registry.adapters[name].lora.modules  # the cross-attention travels with the adapter
+        assert registry.generate(INPUTS, adapter=name) == alone_through_peft(path, INPUTS, 5)
+    names = ["ws-add", "ws-prefix", "ws-add"]
+    targets = ["a"] * 3
+    mixed = registry.forward(INPUTS, adapter=names, targets=targets).logits
+    for i, name in enumerate(names):
+        alone = registry.forward([INPUTS[i]], adapter=name, targets=targets[:1]).logits
+        torch.testing.assert_close(mixed[i], alone[0], rtol=1e-4, atol=1e-4)
+
+    result, out = run_evaluation(paths["ws-add"], split="test", out_dir=tmp_path / "eval")
+    assert result.count == 4 and "rouge1" in result.adapter_scores and (out / "eval.json").is_file()
