@@ -121,6 +121,10 @@ class EncodedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def token_lengths(self) -> list[int]:
+        """Per example, the tokens a batch pads it to: input + label ids (for length grouping)."""
+        return [len(a) + len(b) for a, b in zip(self.input_ids, self.labels)]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item: dict[str, Any] = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
         if self.lexical_embeds is not None:

@@ -26,6 +26,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from lexlora.adapters import (
     DTYPES,
@@ -138,6 +139,18 @@ def set_cpu_threads(requested: int | None, num_processes: int) -> int:
     return threads
 
 
+def train_data_loader(split: EncodedSplit, cfg: Config, collator, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches drawn from `generator`; with train.group_by_length, of similar lengths."""
+    if cfg.train.group_by_length:
+        sampler = LengthGroupedSampler(cfg.train.batch_size, lengths=split.token_lengths(), generator=generator)
+        # The loader draws its worker base seed from `generator` too, not from the global RNG that
+        # dropout uses, so that a resumed run's dropout masks match an uninterrupted run's.
+        return DataLoader(split, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collator,
+                          generator=generator, num_workers=cfg.train.num_workers)
+    return DataLoader(split, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
+                      generator=generator, num_workers=cfg.train.num_workers)
+
+
 def _has_accelerator_device() -> bool:
     if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, HPU, ...
         return torch.accelerator.is_available()
@@ -227,10 +240,7 @@ def train(cfg: Config) -> TrainResult:
     collator = LexicalCollator(tokenizer, cfg.data.pad_to_multiple_of)
     # Reseeded at each epoch (TrainingRun.epoch_batches), so an epoch's order depends on the seed alone.
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(
-        data.splits["train"], batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
-        generator=generator, num_workers=cfg.train.num_workers,
-    )
+    train_loader = train_data_loader(data.splits["train"], cfg, collator, generator)
     val_split = data.splits.get("validation")
     val_loader = (
         DataLoader(val_split, batch_size=cfg.train.eval_batch_size, collate_fn=collator, num_workers=cfg.train.num_workers)

@@ -303,3 +303,50 @@ def test_quantized_base_is_refused_early_without_cuda(tmp_path, stdlib_data, bit
     with pytest.raises(ConfigError, match=f"model.quantization={bits} .* needs a CUDA GPU"):
         train(config)
     assert not (tmp_path / "adapter").exists()
+
+
+def _indexed_split(n=96, seed=0):
+    """A split of random input/label lengths whose items are their own indices."""
+    from lexlora.data import EncodedSplit
+
+    class Indexed(EncodedSplit):
+        def __getitem__(self, index):
+            return index
+
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(5, 60, (n,), generator=gen).tolist()
+    tgt = torch.randint(2, 30, (n,), generator=gen).tolist()
+    return Indexed([None] * n, [[1] * s for s in src], [[1] * t for t in tgt], None)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_train_loader_visits_every_example_once_per_epoch_in_an_order_fixed_by_the_seed(tmp_path, grouped):
+    from lexlora.training import train_data_loader
+
+    config = tiny_train_config(tmp_path, tmp_path / "unused.jsonl")
+    config.train.group_by_length, config.train.batch_size = grouped, 8
+    split = _indexed_split()
+    orders = []
+    for seed in (3, 3, 4):
+        loader = train_data_loader(split, config, list, torch.Generator().manual_seed(seed))
+        orders.append([i for batch in loader for i in batch])
+    assert sorted(orders[0]) == list(range(len(split.input_ids)))
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+def test_length_grouped_batches_pad_fewer_tokens_than_random_ones(tmp_path):
+    from lexlora.training import train_data_loader
+
+    config = tiny_train_config(tmp_path, tmp_path / "unused.jsonl")
+    config.train.batch_size = 8
+    split = _indexed_split(n=400)
+    lengths = split.token_lengths()
+
+    def padded_tokens(grouped):
+        config.train.group_by_length = grouped
+        loader = train_data_loader(split, config, list, torch.Generator().manual_seed(0))
+        return sum(max(lengths[i] for i in batch) * len(batch) for batch in loader)
+
+    useful = sum(lengths)
+    assert padded_tokens(True) < 0.8 * padded_tokens(False)
+    assert padded_tokens(True) >= useful
