@@ -260,6 +260,8 @@ def write_report(args, results: list[dict], command: str, started: datetime.date
             f"{r['learning_rate']:g} | {r['train_seconds']:.0f} | {r['best_epoch']} ({r['best_val_loss']:.4f}) | "
             f"{' / '.join(str(x) for x in r.get('load_avg_5min', []))} |"
         )
+    if getattr(args, "note", ""):
+        lines += ["", args.note]
     lines += ["", "Anchors (not rerun here):", "", "| | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
     for name, r1, r2, rl in ANCHORS:
         lines.append(f"| {name} | {r1} | {r2 if r2 is not None else '-'} | {rl if rl is not None else '-'} |")
@@ -305,6 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
     parser.add_argument("--work", default=None, help="adapters and per-arm JSON (default: a temp dir)")
     parser.add_argument("--from-json", help="rewrite --out from a finished study's JSON (no training)")
+    parser.add_argument("--note", default="", help="a paragraph added under the table (how the run went)")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("override", nargs="*", help="dotted config overrides for every lexlora arm, e.g. lora.r=8")
