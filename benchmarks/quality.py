@@ -220,6 +220,11 @@ def arms_for(args) -> list[str]:
     return expanded
 
 
+def arm_order(result: dict) -> int:
+    order = ["full", "lora", *(f"fusion-{m}" for m in MODES)]
+    return order.index(result["arm"]) if result["arm"] in order else len(order)
+
+
 def label(arm: str) -> str:
     return {"full": "full fine-tune", "lora": "LoRA, no fusion"}.get(arm, f"LoRA + fusion ({arm.removeprefix('fusion-')})")
 
@@ -228,6 +233,7 @@ def write_report(args, results: list[dict], command: str, started: datetime.date
     from lexlora.config import load_config
 
     cfg = load_config(args.config, list(args.override))
+    results = sorted(results, key=arm_order)  # the table reads the same whatever order the arms ran in
     full = next((r for r in results if r["arm"] == "full"), None)
     lines = [
         "# Quality: does a lexlora adapter make the model better at its task?",
