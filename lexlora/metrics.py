@@ -122,6 +122,16 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], bleu: bo
     return result
 
 
+def per_example_rouge(predictions: Sequence[str], references: Sequence[str], rouge_type: str = "rouge1") -> list[float]:
+    """One ROUGE F-measure per example (stemmed, as text_metrics; their mean is its figure): for
+    paired comparisons of two systems on the same rows."""
+    predictions, references = _check_pairs(predictions, references)
+    with _rouge_lock:
+        rouge = _rouge().compute(predictions=predictions, references=references, rouge_types=[rouge_type],
+                                 use_stemmer=True, use_aggregator=False)
+    return [float(x) for x in rouge[rouge_type]]
+
+
 def classification_metrics(predictions: Sequence[str], references: Sequence[str],
                            labels: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class figures and the confusion matrix for a closed label set.

@@ -10,8 +10,8 @@ from rouge_score import rouge_scorer
 from lexlora.errors import ConfigError, DataError
 from lexlora.evaluate_metrics import METRIC_DIR
 from lexlora.metrics import (
-    OTHER_LABEL, TEXT_METRICS, classification_metrics, detect_task, higher_is_better, scalar_metrics, score,
-    text_metrics,
+    OTHER_LABEL, TEXT_METRICS, classification_metrics, detect_task, higher_is_better, per_example_rouge, scalar_metrics,
+    score, text_metrics,
 )
 
 CAT_PRED, CAT_REF = "the cat sat on the mat", "the cat lay on the mat"
@@ -50,6 +50,16 @@ def test_several_examples_aggregate_to_the_mean_f_measure():
     per_example = [direct_f(p, r) for p, r in zip(preds, refs)]
     expected = {name: sum(s[name] for s in per_example) / len(per_example) for name in TEXT_METRICS}
     assert text_metrics(preds, refs) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("rouge_type", ["rouge1", "rouge2", "rougeL"])
+def test_per_example_rouge_is_each_rows_f_measure_and_averages_to_text_metrics(rouge_type):
+    preds = [CAT_PRED, "configures the web server", "nothing in common"]
+    refs = [CAT_REF, "web server configuration file", "a python module"]
+    rows = per_example_rouge(preds, refs, rouge_type)
+    assert rows == pytest.approx([direct_f(p, r)[rouge_type] for p, r in zip(preds, refs)])
+    assert rows[2] == 0.0 and 0 < rows[1] < 1
+    assert sum(rows) / 3 == pytest.approx(text_metrics(preds, refs)[rouge_type])
 
 
 def test_evaluate_load_of_the_shipped_script_needs_no_network(monkeypatch):
