@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from lexlora.config import QUANTIZATION, ModelConfig
 from lexlora.errors import AdapterError, ConfigError, ModelLoadError
+from lexlora.fast_ops import use_fast_ops
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ def load_base_model(model: ModelConfig, device: int | str | torch.device | None 
         set_generation_ids(base, load_tokenizer(model))
     base.requires_grad_(False)
     base.eval()
+    if model.fast_ops:
+        use_fast_ops(base)
     return base
 
 

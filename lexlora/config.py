@@ -36,6 +36,9 @@ class ModelConfig:
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     # Base weights in 8-bit or 4-bit through bitsandbytes (CUDA only): none, 8bit, 4bit.
     quantization: str = "none"
+    # Cheaper drop-in modules in the base (lexlora/fast_ops.py): CPU dropout masks from packed random
+    # bits, and transformers' C tanh-GELU for its Python gelu_new (equal up to rounding).
+    fast_ops: bool = True
 
 
 @dataclass
@@ -103,6 +106,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    # AdamW's fused implementation (one kernel over all tensors; torch has it on CPU and CUDA). false:
+    # torch's default, which on CPU is a Python loop of ~10 small ops per trainable tensor per step.
+    fused_optimizer: bool = True
     warmup_ratio: float = 0.06
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
