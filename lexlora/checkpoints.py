@@ -65,7 +65,7 @@ RESUME_FREE = {
     "output_dir", "overwrite_output_dir", "save_dtype",
     "train.resume", "train.checkpoint_every", "train.checkpoint_dir", "train.keep_checkpoints",
     "train.log_every", "train.num_workers", "train.cpu_threads", "train.report_to", "train.logging_dir",
-    "train.eval_batch_size", "train.gradient_checkpointing", "generation.batch_size",
+    "train.eval_batch_size", "train.gradient_checkpointing", "train.fused_optimizer", "generation.batch_size",
 }
 
 

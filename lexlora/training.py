@@ -38,7 +38,7 @@ from lexlora.adapters import (
 )
 from lexlora.base import FP16_UNSAFE, check_quantization, fingerprint, load_base_model, load_tokenizer
 from lexlora.checkpoints import LOG_NAME, Checkpoints, LoopState, StopSignals, TrainingInterrupted
-from lexlora.config import Config, config_to_dict, config_to_yaml
+from lexlora.config import Config, TrainConfig, config_to_dict, config_to_yaml
 from lexlora.data import EncodedSplit, LexicalCollator, encode_split, load_splits
 from lexlora.embeddings import LexicalEncoder
 from lexlora.errors import AdapterError, ConfigError, LexloraError
@@ -137,6 +137,14 @@ def set_cpu_threads(requested: int | None, num_processes: int) -> int:
     torch.set_num_threads(threads)
     logger.info("CPU training: %d torch thread(s) per process", threads)
     return threads
+
+
+def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused where torch has a fused kernel for them."""
+    fused = train.fused_optimizer and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params
+    )
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay, fused=fused or None)
 
 
 def train_data_loader(split: EncodedSplit, cfg: Config, collator, generator: torch.Generator) -> DataLoader:
@@ -254,7 +262,7 @@ def train(cfg: Config) -> TrainResult:
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(params, cfg.train)
     # Accelerate steps a prepared scheduler once per process, so its horizon is scaled to match.
     scheduler = get_linear_schedule_with_warmup(
         optimizer,

@@ -350,3 +350,24 @@ def test_length_grouped_batches_pad_fewer_tokens_than_random_ones(tmp_path):
     useful = sum(lengths)
     assert padded_tokens(True) < 0.8 * padded_tokens(False)
     assert padded_tokens(True) >= useful
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_fused_when_asked_and_steps_the_same_as_the_loop(fused):
+    from lexlora.config import TrainConfig
+    from lexlora.training import make_optimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    optimizer = make_optimizer(params, TrainConfig(fused_optimizer=fused, weight_decay=0.01))
+    loop = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.01, foreach=False)
+    assert bool(optimizer.defaults["fused"]) is fused
+    for _ in range(3):
+        for group in (params, reference):
+            for p in group:
+                p.grad = torch.ones_like(p) * p.detach()
+        optimizer.step()
+        loop.step()
+    for a, b in zip(params, reference):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, torch.zeros_like(a))
