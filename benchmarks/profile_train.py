@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "file-descriptions" / "file_description.jsonl"
 GROUPS = {
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
-    "dropout RNG": ("aten::bernoulli_", "aten::bernoulli", "aten::rand_like", "aten::uniform_"),
+    # (aten::random_ and aten::ge: lexlora.fast_ops.FastDropout's masks)
+    "dropout RNG": ("aten::bernoulli_", "aten::bernoulli", "aten::rand_like", "aten::uniform_", "aten::random_", "aten::ge"),
     "softmax + loss": ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::_softmax",
                        "aten::_softmax_backward_data", "aten::nll_loss_forward", "aten::nll_loss_backward"),
     "elementwise": ("aten::mul", "aten::add", "aten::add_", "aten::div", "aten::div_", "aten::pow", "aten::tanh",
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--train-rows", type=int, default=160)
+    parser.add_argument("--top", type=int, default=0, help="also list the N operators with the most self CPU time")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("LEXLORA_CACHE", tempfile.mkdtemp(prefix="profile_train_cache_"))
@@ -87,7 +89,7 @@ def main() -> None:
     loader = training.train_data_loader(data.splits["train"], cfg, collator, torch.Generator().manual_seed(0))
     batches = list(loader)[: args.steps + 2]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
+    optimizer = training.make_optimizer(params, cfg.train)  # as lexlora trains (fused AdamW by default)
 
     def step(batch):
         loss = model(**batch).loss
@@ -114,6 +116,10 @@ def main() -> None:
     for event in events:
         name = next((g for g, ops in GROUPS.items() if event.key in ops), "other")
         groups[name] += event.self_cpu_time_total
+    if args.top:
+        print(f"top {args.top} operators by self CPU time (% of the step, calls per step):")
+        for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]:
+            print(f"  {event.key:45s} {100 * event.self_cpu_time_total / total_us:5.1f}%  {event.count // len(timed):6d}")
 
     def fwd_bwd_flops(batch) -> int:
         with FlopCounterMode(display=False) as counter:

@@ -6,7 +6,8 @@ Both recipes train the flan-t5-small shape with random weights (AutoConfig + fro
 the same rows of ../shared/data/file-descriptions/file_description.jsonl (filename -> file_desc, the
 seed prompt of configs/file_description.yaml), batch 8, the same epochs; by default the first 160
 train rows and 1 epoch (--full: the whole train split, 1707 rows). Validation: rows [1707:1747] for
-both; generation: the first 40 rows of the test split ([95%:]), greedy, max_new_tokens 48, batch 8.
+both; generation: the first 40 rows of the test split ([95%:]), greedy, exactly 48 new tokens per row (min_new_tokens = max_new_tokens: random weights stop at
+different points, which would time different amounts of decoding), batch 8.
 Preprocessing is timed on the whole train split + the validation rows (1747 rows, what a run
 preprocesses; --prep-rows N: the first N train rows instead), then training uses its first rows.
 
@@ -193,7 +194,7 @@ def child_seed(args) -> dict:
             enc = tokenizer([template.format(filename=r["filename"]) for r in chunk], padding="max_length",
                             truncation=True, max_length=128, return_tensors="pt")
             ids = model.generate(enc["input_ids"], enc["attention_mask"], lex, max_new_tokens=MAX_NEW, num_beams=1,
-                                 do_sample=False)
+                                 do_sample=False, min_new_tokens=MAX_NEW)
             outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     gen_s = time.perf_counter() - started
     return {
@@ -270,7 +271,7 @@ def child_lexlora(args) -> dict:
     test_rows = rows[test_start : test_start + TEST_ROWS]
     started = time.perf_counter()
     outputs = model.generate_text([{"filename": r["filename"]} for r in test_rows], batch_size=BATCH,
-                                  max_new_tokens=MAX_NEW, num_beams=1, do_sample=False)
+                                  max_new_tokens=MAX_NEW, num_beams=1, do_sample=False, min_new_tokens=MAX_NEW)
     gen_s = time.perf_counter() - started
     return {
         "prep_rows": prep_rows, "prep_cold_s": prep_cold, "prep_warm_s": prep_warm,
