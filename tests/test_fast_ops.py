@@ -80,3 +80,12 @@ def test_swapped_modules_keep_the_train_or_eval_mode_of_the_ones_they_replace():
     assert isinstance(model[0], FastDropout) and not model[0].training and not model[1].training
     x = torch.randn(8, 8)
     assert torch.equal(model[0](x), x)  # an eval-mode base drops nothing after the swap
+
+
+def test_fast_dropout_handles_empty_transposed_and_bf16_inputs():
+    drop = FastDropout(0.5).train()
+    assert drop(torch.empty(0, 5)).shape == (0, 5)
+    x = torch.randn(3, 4).t()  # not contiguous
+    out = drop(x)
+    assert out.shape == (4, 3) and torch.all((out == 0) | torch.isclose(out, x * 2))
+    assert drop(torch.randn(2, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
