@@ -16,6 +16,8 @@ with the useful FLOPs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers.activations import GELUTanh, NewGELUActivation
@@ -39,9 +41,7 @@ class _MaskedScale(torch.autograd.Function):
 def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A bool mask keeping each element with probability 1 - p (to 1/65536), and that exact rate."""
     drop_levels = round(p * _LEVELS)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     # 64 random bits per draw (the full int64 range), read as four int16 values in [-32768, 32767].
     bits = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
     levels = bits.view(torch.int16)[:numel].view(shape)
