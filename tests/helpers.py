@@ -113,12 +113,3 @@ def save_family_bases(root) -> dict:
         "warm-start": f"encoder-decoder:{bert}",
         "bert2bert": str(save_tiny_bert2bert(root / "bert2bert", bert)),
     }
-
-
-def family_batch(tokenizer, texts=("backup_config.json", "a much longer file name for padding.py"), seed=0):
-    """`batch` for any tokenizer (no T5-style prompt assumptions)."""
-    enc = tokenizer([f"Describe {t}:" for t in texts], return_tensors="pt", padding=True)
-    lexical = torch.randn(len(texts), 384, generator=torch.Generator().manual_seed(seed))
-    labels = tokenizer(text_target=["a config backup", "a python file"], return_tensors="pt", padding=True).input_ids
-    labels[labels == tokenizer.pad_token_id] = -100
-    return enc.input_ids, enc.attention_mask, lexical, labels

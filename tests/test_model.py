@@ -153,7 +153,7 @@ def test_training_forward_builds_no_decoder_cache(tiny_base, tokenizer):
 from lexlora.base import load_base_model, load_tokenizer  # noqa: E402
 from lexlora.config import LoraSettings, ModelConfig  # noqa: E402
 from lexlora.model import build_lora_config  # noqa: E402
-from tests.helpers import family_batch, make_model_for, save_family_bases  # noqa: E402
+from tests.helpers import make_model_for, save_family_bases  # noqa: E402
 
 FAMILIES = ["bart", "mbart", "warm-start", "bert2bert"]
 EXPECTED_TARGETS = {
@@ -178,7 +178,7 @@ def family(families, kind):
 @pytest.mark.parametrize("mode", ["add", None])
 def test_fresh_adapter_computes_what_the_base_computes_in_every_family(families, kind, mode):
     base, tokenizer, config = family(families, kind)
-    ids, mask, lexical, labels = family_batch(tokenizer)
+    ids, mask, lexical, labels = batch(tokenizer)
     with torch.no_grad():
         expected = base(input_ids=ids, attention_mask=mask, labels=labels).logits
     model = make_model_for(base, tokenizer, config.name_or_path, mode).eval()
@@ -205,7 +205,7 @@ def test_lora_targets_and_fusion_width_per_family(families, kind):
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_generate_runs_through_encoder_outputs_in_every_family(families, kind):
     base, tokenizer, config = family(families, kind)
-    ids, mask, lexical, _ = family_batch(tokenizer)
+    ids, mask, lexical, _ = batch(tokenizer)
     model = make_model_for(base, tokenizer, config.name_or_path, "prefix").eval()
     perturb_(model)
     out = model.generate(ids, mask, lexical, max_new_tokens=5, do_sample=False)
@@ -256,7 +256,7 @@ def test_warm_start_adapter_saves_and_loads_its_cross_attention(families, tmp_pa
     base, tokenizer, config = family(families, "warm-start")
     model = make_model_for(base, tokenizer, config.name_or_path, "first").eval()
     perturb_(model)
-    ids, mask, lexical, labels = family_batch(tokenizer)
+    ids, mask, lexical, labels = batch(tokenizer)
     with torch.no_grad():
         expected = model(ids, mask, labels=labels, lexical_embeds=lexical).logits
     path = save_adapter(model, tmp_path / "ws", {"base": fingerprint(base, config)}, save_dtype="float32")

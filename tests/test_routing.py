@@ -141,7 +141,7 @@ def test_refuses_what_it_cannot_reproduce(two_adapters):
 
 from lexlora.base import load_base_model, load_tokenizer  # noqa: E402
 from lexlora.config import ModelConfig  # noqa: E402
-from tests.helpers import family_batch, make_model_for, save_tiny_bert  # noqa: E402
+from tests.helpers import make_model_for, save_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def warm_adapters(warm_start_name):
 
 def test_modules_trained_in_full_route_like_peft(warm_adapters):
     first, second, base, tokenizer = warm_adapters
-    ids, mask, _, labels = family_batch(tokenizer)
+    ids, mask, _, labels = batch(tokenizer)
     a, b = weights_of(first, base), weights_of(second, base)
     assert any("crossattention" in path for path in a.modules)
     assert {m.kind for m in a.modules.values()} == {"linear", "layer_norm"}
