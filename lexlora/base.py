@@ -33,20 +33,13 @@ from lexlora.fast_ops import use_fast_ops
 logger = logging.getLogger(__name__)
 
 # LoRA targets per architecture: the attention projections.
+_T5_ATTENTION = ["q", "k", "v", "o"]
+_BART_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ATTENTION_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "k", "v", "o"],
-    "mt5": ["q", "k", "v", "o"],
-    "umt5": ["q", "k", "v", "o"],
-    "longt5": ["q", "k", "v", "o"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "mbart": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    # BART-derived families name their attention projections alike.
-    "pegasus": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "marian": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "m2m_100": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "blenderbot": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "blenderbot-small": ["q_proj", "k_proj", "v_proj", "out_proj"],
-    "plbart": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    **dict.fromkeys(["t5", "mt5", "umt5", "longt5"], _T5_ATTENTION),
+    # BART and the families derived from it name their attention projections alike.
+    **dict.fromkeys(["bart", "mbart", "pegasus", "marian", "m2m_100", "blenderbot", "blenderbot-small", "plbart"],
+                    _BART_ATTENTION),
 }
 
 # T5-family models overflow in fp16 (they were trained in bf16).
