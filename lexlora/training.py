@@ -103,25 +103,25 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
-    """Read + validate records (before any model work), embed, tokenize."""
+    """Read + validate records, tokenize (a refused long target stops here), then embed: all
+    before any model work but the embedding model's."""
     splits, template, lexical_field = load_splits(cfg.data, cfg.fusion.enabled)
+    encoded = {
+        name: encode_split(records, template, cfg.data.target_field, tokenizer, cfg.data, None, name)
+        for name, records in splits.items()
+    }
     encoder = None
-    vectors: dict[str, torch.Tensor] = {}
     if cfg.fusion.enabled:
         encoder = LexicalEncoder(
             cfg.fusion.embedding_model, cfg.fusion.cache_dir, cfg.fusion.embedding_batch_size, device
         )
         started = time.perf_counter()
         for name, records in splits.items():
-            vectors[name] = encoder.encode([r.fields[lexical_field] for r in records])
+            encoded[name].lexical_embeds = encoder.encode([r.fields[lexical_field] for r in records])
         logger.info(
             "lexical embeddings (%s): %d texts encoded, the rest from the cache, in %.1fs",
             cfg.fusion.embedding_model, encoder.encoded_count, time.perf_counter() - started,
         )
-    encoded = {
-        name: encode_split(records, template, cfg.data.target_field, tokenizer, cfg.data, vectors.get(name), name)
-        for name, records in splits.items()
-    }
     path = Path(cfg.data.path)
     dataset_info = {
         "path": str(cfg.data.path),

@@ -80,6 +80,24 @@ def test_bad_data_fails_before_any_model_work(tmp_path, monkeypatch):
     assert not (tmp_path / "adapter").exists()
 
 
+def test_a_refused_long_target_stops_the_run_before_the_embedding_model_loads(tmp_path, monkeypatch):
+    import lexlora.training as training
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the embedding model was loaded before the targets were checked")
+
+    monkeypatch.setattr(training, "LexicalEncoder", no_embedding)
+    monkeypatch.setattr(training, "load_base_model", no_embedding)
+    data = tmp_path / "l.jsonl"
+    data.write_text('{"filename": "a", "description": "b"}\n' + '{"filename": "c", "description": "%s"}\n' % ("word " * 60))
+    config = tiny_train_config(tmp_path, data)
+    config.data.splits = {"train": "[:2]"}
+    config.data.on_long_target = "refuse"
+    with pytest.raises(DataError, match=r"l\.jsonl: 1 of 2 targets .*line 2"):
+        train(config)
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_fp16_is_refused_for_t5(tmp_path, stdlib_data):
     config = tiny_train_config(tmp_path, stdlib_data)
     config.train.mixed_precision = "fp16"
