@@ -296,8 +296,14 @@ class AdapterFiles:
     state: dict[str, torch.Tensor]
 
     @property
+    def weights_path(self) -> Path:
+        """The weights file the state was read from: safetensors, or an opted-in pickle."""
+        safetensors = self.path / WEIGHTS_NAME
+        return safetensors if safetensors.is_file() else self.path / PICKLE_NAME
+
+    @property
     def weights_bytes(self) -> int:
-        return (self.path / WEIGHTS_NAME).stat().st_size
+        return self.weights_path.stat().st_size
 
 
 def read_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> AdapterFiles:
@@ -390,7 +396,7 @@ def load_adapter(
     lora_config = files.lora_config
     lora_config.inference_mode = False
     model = LexLoraModel.create(base, tokenizer, lora_config, files.spec)
-    model.load_trainable_state_dict(files.state, source=str(files.path / WEIGHTS_NAME))
+    model.load_trainable_state_dict(files.state, source=str(files.weights_path))
     model.requires_grad_(False)
     model.eval()
     model.metadata = files.meta

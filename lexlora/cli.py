@@ -290,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--body-timeout-s", type=_positive_float, default=30.0,
         help="a request body must arrive within this many seconds, else 408 (default: 30)",
     )
+    srv.add_argument(
+        "--allow-pickle", action="store_true",
+        help="also load adapters in --adapters whose weights are a pickle adapter_model.bin (tensors only); "
+             "adapters loaded over HTTP stay safetensors-only",
+    )
     srv.set_defaults(func=run_serve)
 
     emb = sub.add_parser(

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lexlora.adapters import WEIGHTS_NAME, AdapterFiles, base_config_from_metadata, read_adapter_dir, read_metadata
+from lexlora.adapters import AdapterFiles, base_config_from_metadata, read_adapter_dir, read_metadata
 from lexlora.base import check_fingerprint, fingerprint, load_base_model, load_tokenizer
 from lexlora.config import ModelConfig
 from lexlora.embeddings import LexicalEncoder
@@ -135,16 +135,19 @@ class LexLoRA:
         return self.base.get_input_embeddings().weight.device
 
     # ---- the registry ----------------------------------------------------------------------------
-    def load_adapter(self, adapter_dir: str | Path, name: str | None = None, *, replace: bool = False) -> LoadedAdapter:
+    def load_adapter(
+        self, adapter_dir: str | Path, name: str | None = None, *, replace: bool = False, allow_pickle: bool = False
+    ) -> LoadedAdapter:
         """Load an adapter dir under `name` (default: the dir's name). Refuses, leaving the registry as
         it was, a name already loaded (unless `replace`), an incomplete or corrupted dir, or an
-        adapter trained on another base."""
+        adapter trained on another base. A pickle adapter_model.bin is read only with `allow_pickle`
+        (tensors only, as load_adapter)."""
         adapter_dir = Path(adapter_dir)
         name = name if name is not None else adapter_dir.name
         check_adapter_name(name)
         if name in self._adapters and not replace:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pass replace=True")
-        files = read_adapter_dir(adapter_dir)
+        files = read_adapter_dir(adapter_dir, allow_pickle)
         check_fingerprint(files.meta["base"], self.base_fingerprint, str(adapter_dir))
         loaded = self._build(name, files)
         if name in self._adapters:
@@ -156,7 +159,7 @@ class LexLoRA:
         return loaded
 
     def _build(self, name: str, files: AdapterFiles) -> LoadedAdapter:
-        source = str(files.path / WEIGHTS_NAME)
+        source = str(files.weights_path)
         lora_state = {k: v for k, v in files.state.items() if not k.startswith(FUSION_PREFIX)}
         lora = LoraWeights.from_peft_state(lora_state, files.lora_config, self.base, source, device=self.device)
         fusion = {k[len(FUSION_PREFIX):]: v for k, v in files.state.items() if k.startswith(FUSION_PREFIX)}

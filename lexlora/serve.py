@@ -580,7 +580,7 @@ def serve(args) -> int:
 
     for path in found:
         try:
-            registry.load_adapter(path, name=path.name)
+            registry.load_adapter(path, name=path.name, allow_pickle=args.allow_pickle)
         except (LexloraError, OSError) as exc:
             logger.warning("skipping adapter %s: %s", path.name, exc)
 

@@ -331,3 +331,16 @@ def test_warm_start_trains_saves_hot_swaps_and_evaluates(tmp_path, stdlib_data):
 
     result, out = run_evaluation(paths["ws-add"], split="test", out_dir=tmp_path / "eval")
     assert result.count == 4 and "rouge1" in result.adapter_scores and (out / "eval.json").is_file()
+
+
+def test_a_pickle_adapter_loads_only_with_allow_pickle(registry, adapter_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    path = shutil.copytree(adapter_dirs["plain"], tmp_path / "old")
+    torch.save(load_file(str(path / WEIGHTS_NAME)), path / "adapter_model.bin")
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(AdapterError, match=r"only a pickle adapter_model\.bin is present"):
+        registry.load_adapter(path)
+    assert "old" not in registry.adapters
+    registry.load_adapter(path, allow_pickle=True)
+    assert registry.generate(INPUTS, adapter="old") == registry.generate(INPUTS, adapter="plain")

@@ -485,3 +485,25 @@ def test_32_concurrent_clients_mixing_adapters(server, adapters):
     assert after["batches"] - before["batches"] < good  # and were batched
     print(f"{len(plan)} requests ({good} good) from 32 clients in {elapsed:.1f}s, "
           f"{after['batches'] - before['batches']} model calls")
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_serve_loads_pickle_adapters_at_startup_only_with_allow_pickle(adapters, tmp_path, monkeypatch, caplog, allow):
+    from safetensors.torch import load_file
+
+    from lexlora.adapters import WEIGHTS_NAME
+
+    root = tmp_path / "served"
+    shutil.copytree(adapters[0] / "plain", root / "plain")
+    shutil.copytree(adapters[0] / "desc", root / "old")
+    torch.save(load_file(str(root / "old" / WEIGHTS_NAME)), root / "old" / "adapter_model.bin")
+    (root / "old" / WEIGHTS_NAME).unlink()
+    started = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: started.setdefault("app", app))
+    assert main(["serve", "--adapters", str(root)] + (["--allow-pickle"] if allow else [])) == 0
+    registry = started["app"].state.registry
+    assert sorted(registry.adapters) == (["old", "plain"] if allow else ["plain"])
+    if allow:
+        assert registry.generate(DESC_INPUTS, adapter="old") == adapters[2].generate(DESC_INPUTS, adapter="desc")
+    else:
+        assert "skipping adapter old" in caplog.text and "only a pickle adapter_model.bin is present" in caplog.text
