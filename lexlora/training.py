@@ -149,14 +149,15 @@ def make_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torc
 
 def train_data_loader(split: EncodedSplit, cfg: Config, collator, generator: torch.Generator) -> DataLoader:
     """Shuffled batches drawn from `generator`; with train.group_by_length, of similar lengths."""
-    if cfg.train.group_by_length:
-        sampler = LengthGroupedSampler(cfg.train.batch_size, lengths=split.token_lengths(), generator=generator)
-        # The loader draws its worker base seed from `generator` too, not from the global RNG that
-        # dropout uses, so that a resumed run's dropout masks match an uninterrupted run's.
-        return DataLoader(split, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collator,
-                          generator=generator, num_workers=cfg.train.num_workers)
-    return DataLoader(split, batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
-                      generator=generator, num_workers=cfg.train.num_workers)
+    sampler = (
+        LengthGroupedSampler(cfg.train.batch_size, lengths=split.token_lengths(), generator=generator)
+        if cfg.train.group_by_length
+        else None
+    )
+    # The loader draws its worker base seed from `generator` too, not from the global RNG that
+    # dropout uses, so that a resumed run's dropout masks match an uninterrupted run's.
+    return DataLoader(split, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                      collate_fn=collator, generator=generator, num_workers=cfg.train.num_workers)
 
 
 def _has_accelerator_device() -> bool:
