@@ -29,11 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lexlora.adapters import save_adapter  # noqa: E402
-from lexlora.base import fingerprint, load_base_model, load_tokenizer  # noqa: E402
+from lexlora.adapters.files import save_adapter
+from lexlora.adapters.fingerprint import fingerprint
 from lexlora.config import LoraSettings, ModelConfig  # noqa: E402
-from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config  # noqa: E402
-from lexlora.registry import LexLoRA  # noqa: E402
+from lexlora.data.spec import AdapterSpec
+from lexlora.model.loading import load_base_model, load_tokenizer
+from lexlora.model.lora_model import LexLoraModel, build_lora_config
+from lexlora.serving.registry import LexLoRA
 
 MODEL_ID = "google/flan-t5-small"
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

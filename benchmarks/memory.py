@@ -62,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lexlora.memory import current_rss_bytes, peak_rss_bytes  # noqa: E402
+from lexlora.training.memory import current_rss_bytes, peak_rss_bytes
 
 MODEL_ID = "google/flan-t5-small"
 DATA = ROOT.parent / "shared" / "data" / "file-descriptions" / "file_description.jsonl"
@@ -76,11 +76,12 @@ VARIANTS = ("full", "lora", "lora_ckpt")
 def prepare_batches(steps: int, batch_size: int, data: Path = DATA) -> list[dict[str, torch.Tensor]]:
     """The first steps * batch_size rows of the seed's train split (the file's first rows: the split
     is `[:85%]`, unshuffled), tokenized and embedded as training does, collated into fixed batches."""
-    from lexlora.base import load_tokenizer
     from lexlora.config import load_config
-    from lexlora.data import LexicalCollator, encode_split, required_fields
-    from lexlora.embeddings import LexicalEncoder
-    from lexlora.records import read_records
+    from lexlora.data.embeddings import LexicalEncoder
+    from lexlora.data.prompts import required_fields
+    from lexlora.data.records import read_records
+    from lexlora.data.tokenization import LexicalCollator, encode_split
+    from lexlora.model.loading import load_tokenizer
 
     if not data.is_file():
         sys.exit(
@@ -108,9 +109,14 @@ def prepare_batches(steps: int, batch_size: int, data: Path = DATA) -> list[dict
 
 # ---- one variant (a child process) -------------------------------------------------------------
 def build(variant: str, quantization: str, device: torch.device):
-    from lexlora.base import load_base_model, load_tokenizer
     from lexlora.config import LoraSettings, ModelConfig
-    from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config, enable_gradient_checkpointing
+    from lexlora.data.spec import AdapterSpec
+    from lexlora.model.loading import load_base_model, load_tokenizer
+    from lexlora.model.lora_model import (
+        LexLoraModel,
+        build_lora_config,
+        enable_gradient_checkpointing,
+    )
 
     model_config = ModelConfig(name_or_path=MODEL_ID, random_init=True, quantization=quantization)
     base = load_base_model(model_config, device=device if quantization != "none" else None)
@@ -132,7 +138,7 @@ def build(variant: str, quantization: str, device: torch.device):
 
 def import_everything(quantization: str) -> None:
     """Import what building and training import, so the imports are not counted as model memory."""
-    modules = ["peft", "transformers.models.t5.modeling_t5", "lexlora.base", "lexlora.model"]
+    modules = ["peft", "transformers.models.t5.modeling_t5", "lexlora.model.loading", "lexlora.model.lora_model"]
     if quantization != "none":
         modules.append("bitsandbytes")
     for module in modules:
@@ -251,9 +257,9 @@ def name_of(result: dict) -> str:
 
 def check_switch(quantization: str, cuda: bool) -> None:
     """lexlora's own up-front check of model.quantization, before any process is started."""
-    from lexlora.base import check_quantization
     from lexlora.config import ModelConfig
     from lexlora.errors import ConfigError
+    from lexlora.model.loading import check_quantization
 
     try:
         check_quantization(ModelConfig(quantization=quantization))

@@ -68,18 +68,20 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    import lexlora.training as training
-    from lexlora.base import load_base_model, load_tokenizer
+    import lexlora.training.recipe as training
     from lexlora.config import load_config
-    from lexlora.data import LexicalCollator
-    from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
+    from lexlora.data.prepare import prepare_data
+    from lexlora.data.spec import AdapterSpec
+    from lexlora.data.tokenization import LexicalCollator
+    from lexlora.model.loading import load_base_model, load_tokenizer
+    from lexlora.model.lora_model import LexLoraModel, build_lora_config
 
     cfg = load_config(ROOT / "configs" / "file_description.yaml", [
         f"data.path={DATA}", "model.random_init=true", "train.seed=0", *args.overrides])
     cfg.data.splits = {"train": f"[:{args.train_rows}]"}
     threads = training.set_cpu_threads(cfg.train.cpu_threads, 1)
     tokenizer = load_tokenizer(cfg.model)
-    data = training.prepare_data(cfg, tokenizer, "cpu")
+    data = prepare_data(cfg, tokenizer, "cpu")
     base = load_base_model(cfg.model, device=torch.device("cpu"))
     spec = AdapterSpec(cfg.data.input_template, cfg.data.target_field, data.lexical_field,
                        cfg.fusion.mode if cfg.fusion.enabled else None, cfg.fusion.embedding_model, data.embedding_dim)

@@ -66,11 +66,11 @@ def load_cfg(args, arm: str):
 
 
 def run_lora_arm(args, arm: str) -> dict:
-    from lexlora.adapters import load_adapter
-    from lexlora.embeddings import LexicalEncoder
-    from lexlora.evaluation import eval_rows
-    from lexlora.metrics import score
-    from lexlora.training import train
+    from lexlora.adapters.files import load_adapter
+    from lexlora.data.embeddings import LexicalEncoder
+    from lexlora.evaluation.metrics import score
+    from lexlora.evaluation.runner import eval_rows
+    from lexlora.training.recipe import train
 
     cfg = load_cfg(args, arm)
     result = train(cfg)
@@ -106,10 +106,11 @@ def run_full_arm(args) -> dict:
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from lexlora.base import load_base_model, load_tokenizer
-    from lexlora.data import LexicalCollator, encode_split, load_splits
-    from lexlora.metrics import score
-    from lexlora.training import set_cpu_threads
+    from lexlora.data.splits import load_splits
+    from lexlora.data.tokenization import LexicalCollator, encode_split
+    from lexlora.evaluation.metrics import score
+    from lexlora.model.loading import load_base_model, load_tokenizer
+    from lexlora.training.recipe import set_cpu_threads
 
     cfg = load_cfg(args, "full")
     train_cfg = cfg.train
@@ -289,7 +290,7 @@ def paired_differences(results: list[dict]) -> list[str]:
     import numpy as np
     from scipy.stats import bootstrap
 
-    from lexlora.metrics import per_example_rouge
+    from lexlora.evaluation.metrics import per_example_rouge
 
     by_arm = {r["arm"]: r for r in results}
     rows = {arm: np.array(per_example_rouge([p["output"] for p in r["predictions"]], [p["reference"] for p in r["predictions"]]))

@@ -77,10 +77,16 @@ def child_seed(args) -> dict:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from torch import nn
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import (
+        AutoConfig,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+    )
 
     from lexlora.config import load_config
-    from lexlora.memory import current_rss_bytes, peak_rss_bytes
+    from lexlora.training.memory import current_rss_bytes, peak_rss_bytes
 
     template = load_config(CONFIG).data.input_template
     rows = read_rows()
@@ -216,11 +222,12 @@ def child_lexlora(args) -> dict:
 
     import sentence_transformers  # noqa: F401  (imported before the clock, as in the seed child)
 
-    import lexlora.training as training
-    from lexlora.base import load_tokenizer
+    import lexlora.training.recipe as training
     from lexlora.config import load_config
-    from lexlora.memory import current_rss_bytes, peak_rss_bytes
-    from lexlora.model import LexLoraModel
+    from lexlora.data.prepare import prepare_data
+    from lexlora.model.loading import load_tokenizer
+    from lexlora.model.lora_model import LexLoraModel
+    from lexlora.training.memory import current_rss_bytes, peak_rss_bytes
 
     out_dir = Path(tempfile.mkdtemp(prefix="vs_seed_lexlora_")) / "adapter"
     cfg = load_config(CONFIG, [
@@ -234,7 +241,7 @@ def child_lexlora(args) -> dict:
 
     def prep():
         started = time.perf_counter()
-        data = training.prepare_data(prep_cfg, tokenizer, "cpu")
+        data = prepare_data(prep_cfg, tokenizer, "cpu")
         return time.perf_counter() - started, data
 
     prep_cold, data = prep()

@@ -2,7 +2,13 @@
 
 __version__ = "0.1.0"
 
-from lexlora.errors import AdapterError, ConfigError, DataError, LexloraError, ModelLoadError
+from lexlora.errors import (
+    AdapterError,
+    ConfigError,
+    DataError,
+    LexloraError,
+    ModelLoadError,
+)
 
 __all__ = [
     "__version__",
@@ -18,7 +24,7 @@ __all__ = [
 def __getattr__(name: str):
     # Imported on first use: it pulls in torch and transformers, which `lexlora adapters list` avoids.
     if name == "LexLoRA":
-        from lexlora.registry import LexLoRA
+        from lexlora.serving.registry import LexLoRA
 
         return LexLoRA
     raise AttributeError(f"module 'lexlora' has no attribute {name!r}")

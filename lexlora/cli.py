@@ -40,7 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, resume: bool = True) ->
 
 def run_train(args: argparse.Namespace) -> int:
     from lexlora.config import load_config
-    from lexlora.training import train
+    from lexlora.training.recipe import train
 
     config = load_config(args.config, args.overrides)
     if args.resume:
@@ -53,8 +53,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from lexlora.adapters import base_config_from_metadata, load_adapter, read_metadata
-    from lexlora.embeddings import LexicalEncoder
+    from lexlora.adapters.files import base_config_from_metadata, load_adapter
+    from lexlora.adapters.format import read_metadata
+    from lexlora.data.embeddings import LexicalEncoder
 
     base_config = None
     if args.base:
@@ -82,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_adapters_list(args: argparse.Namespace) -> int:
-    from lexlora.catalog import format_table, list_adapters
+    from lexlora.adapters.catalog import format_table, list_adapters
 
     rows = list_adapters(args.dir)
     for row in rows:
@@ -95,7 +96,7 @@ def run_adapters_list(args: argparse.Namespace) -> int:
 
 
 def run_adapters_show(args: argparse.Namespace) -> int:
-    from lexlora.catalog import describe_adapter, format_details
+    from lexlora.adapters.catalog import describe_adapter, format_details
 
     info = describe_adapter(args.dir, verify=True)
     if info["checksum"] != "ok":
@@ -105,8 +106,8 @@ def run_adapters_show(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from lexlora.evaluation import run_evaluation
-    from lexlora.reports import REPORT_NAME
+    from lexlora.evaluation.reports import REPORT_NAME
+    from lexlora.evaluation.runner import run_evaluation
 
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
     result, out = run_evaluation(
@@ -124,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    from lexlora.ablation import DEFAULT_GRID, run_ablation
+    from lexlora.training.ablation import DEFAULT_GRID, run_ablation
 
     rows, table = run_ablation(
         args.config, grid=args.grid or DEFAULT_GRID, overrides=args.overrides, out_dir=args.out,
@@ -153,7 +154,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lexlora.serve import serve  # fastapi/uvicorn are only imported by the server
+    from lexlora.serving.app import (
+        serve,  # fastapi/uvicorn are only imported by the server
+    )
 
     return serve(args)
 
@@ -162,8 +165,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_embeddings(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lexlora.diagnostics import DEFAULT_MODEL, adapter_settings, diagnose_file
     from lexlora.errors import ConfigError, DataError
+    from lexlora.evaluation.diagnostics import (
+        DEFAULT_MODEL,
+        adapter_settings,
+        diagnose_file,
+    )
 
     given = {"data": args.data, "field": args.field, "model": args.model, "format": "auto"}
     settings = {**adapter_settings(args.adapter), **{k: v for k, v in given.items() if v}} if args.adapter else given

@@ -37,14 +37,14 @@ def embedding_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lexlora.base import load_tokenizer
+    from lexlora.model.loading import load_tokenizer
 
     return load_tokenizer(tiny_model_config())
 
 
 @pytest.fixture()
 def tiny_base():
-    from lexlora.base import load_base_model
+    from lexlora.model.loading import load_base_model
 
     return load_base_model(tiny_model_config())
 

@@ -1,9 +1,13 @@
 """Builders shared by the model, adapter and training tests."""
 
+import json
+
 import torch
 
 from lexlora.config import LoraSettings
-from lexlora.model import AdapterSpec, LexLoraModel, build_lora_config
+from tests.conftest import TINY_T5
+from lexlora.data.spec import AdapterSpec
+from lexlora.model.lora_model import LexLoraModel, build_lora_config
 
 
 def make_model(base, tokenizer, mode="add", r=4, seed=0) -> LexLoraModel:
@@ -46,7 +50,13 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 def save_tiny_bart(path, kind="bart", seed=0):
     """A tiny random BART or mBART with the flan-t5-small tokenizer (the one in the offline cache),
     saved with it to `path`: `ModelConfig(name_or_path=str(path))` loads it as it would a Hub id."""
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, MBartConfig, MBartForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForConditionalGeneration,
+        MBartConfig,
+        MBartForConditionalGeneration,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained("google/flan-t5-small")
     config_class, model_class = {"bart": (BartConfig, BartForConditionalGeneration),
@@ -113,3 +123,28 @@ def save_family_bases(root) -> dict:
         "warm-start": f"encoder-decoder:{bert}",
         "bert2bert": str(save_tiny_bert2bert(root / "bert2bert", bert)),
     }
+
+
+TINY_YAML = """
+model:
+  name_or_path: google/flan-t5-small
+  random_init: true
+  config_overrides: {overrides}
+data:
+  path: {data}
+  input_template: "Describe the file {{filename}}:"
+  target_field: description
+  splits: {{train: "[:32]", validation: "[32:40]"}}
+train:
+  max_steps: 4
+  batch_size: 8
+  log_every: 2
+generation:
+  max_new_tokens: 6
+"""
+
+
+def write_config(tmp_path, data):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML.format(overrides=json.dumps(TINY_T5), data=data))
+    return path

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from lexlora.data.records import _validate, read_records
 from lexlora.errors import DataError, LexloraError, RequestError
-from lexlora.records import _validate, read_records
-from lexlora.registry import ADAPTER_NAME
-from lexlora.serve import GenerateRequest, ServeSettings, parse_generate_request
+from lexlora.serving.app import GenerateRequest, ServeSettings, parse_generate_request
+from lexlora.serving.registry import ADAPTER_NAME
 
 FIELDS = ["filename", "file_desc"]
 CHECK = settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -1,0 +1,23 @@
+"""The model: families (LoRA targets, fp16 rules, warm starts), base loading (+ 8/4-bit), the fusion
+projection, fast ops, and the LoRA + fusion model."""
+
+from typing import TYPE_CHECKING
+
+from lexlora._exports import lazy_exports
+
+_EXPORTS = {
+    "default_target_modules": "families", "default_modules_to_save": "families", "parse_encoder_decoder": "families",
+    "load_base_model": "loading", "load_tokenizer": "loading",
+    "LexicalFusion": "fusion", "fuse": "fusion", "encoder_input_width": "fusion",
+    "use_fast_ops": "fast_ops",
+    "LexLoraModel": "lora_model", "build_lora_config": "lora_model", "enable_gradient_checkpointing": "lora_model", "disable_gradient_checkpointing": "lora_model",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from lexlora.model.families import default_target_modules, default_modules_to_save, parse_encoder_decoder
+    from lexlora.model.loading import load_base_model, load_tokenizer
+    from lexlora.model.fusion import LexicalFusion, fuse, encoder_input_width
+    from lexlora.model.fast_ops import use_fast_ops
+    from lexlora.model.lora_model import LexLoraModel, build_lora_config, enable_gradient_checkpointing, disable_gradient_checkpointing

@@ -1,0 +1,299 @@
+"""A frozen seq2seq base with PEFT LoRA on its attention projections and a lexical fusion projection
+on its encoder input; forward for training and `generate` through precomputed encoder outputs
+(generate() itself cannot take the lexical vectors: transformers #12844, #11530)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lexlora.config import LoraSettings
+from lexlora.data.prompts import PromptTemplate
+from lexlora.data.spec import AdapterSpec
+from lexlora.errors import AdapterError, ConfigError, DataError
+from lexlora.model.families import (
+    ENCODER_DECODER_TYPE,
+    base_config,
+    default_modules_to_save,
+    default_target_modules,
+)
+from lexlora.model.fusion import FUSION_PREFIX, LexicalFusion, encoder_input_width
+from lexlora.model.loading import is_quantized
+
+if TYPE_CHECKING:
+    from lexlora.data.embeddings import LexicalEncoder
+
+
+def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, config=None) -> LoraConfig:
+    """PEFT's LoraConfig from lora.*: target modules default to the base's attention projections
+    (`lexlora.base.default_target_modules`; a single string in lora.target_modules is a regex over
+    whole module paths, as in PEFT); a warm-started encoder-decoder also trains its new cross-attention
+    in full (`modules_to_save`, saved with the adapter) unless lora.extra.modules_to_save says otherwise.
+    `config` (the base's transformers config) is read from `base_id` when an encoder-decoder needs it."""
+    if model_type == ENCODER_DECODER_TYPE and config is None:
+        config = base_config(base_id)
+    targets = settings.target_modules or default_target_modules(model_type, config)
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if len(targets) == 1 and _is_regex(targets[0]):
+            targets = targets[0]
+    extra = dict(settings.extra)
+    if "modules_to_save" not in extra:
+        modules = default_modules_to_save(model_type, base_id, config)
+        if modules:
+            extra["modules_to_save"] = modules
+    try:
+        return LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=targets,
+            bias=settings.bias,
+            use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
+            task_type="SEQ_2_SEQ_LM",
+            base_model_name_or_path=base_id,
+            **extra,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid LoRA settings (lora.*): {exc}") from None
+
+
+def _is_regex(target: str) -> bool:
+    """A target given as a regex (PEFT full-matches a string target against each module path)."""
+    return any(c in target for c in "*()[]|\\^$?+")
+
+
+class LexLoraModel(nn.Module):
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: AdapterSpec,
+        fusion: LexicalFusion | None,
+        encoder: "LexicalEncoder | None" = None,
+    ):
+        super().__init__()
+        if spec.fusion_enabled != (fusion is not None):
+            raise ValueError("spec.fusion_mode and the fusion module must agree")
+        self.peft_model = peft_model
+        self.lexical_fusion = fusion
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.template = PromptTemplate(spec.input_template)
+        # Embeds raw inputs for fusion in generate_text; None: loaded by spec.embedding_model on first use.
+        self.lexical_encoder = encoder
+
+    @classmethod
+    def create(
+        cls,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        lora_config: LoraConfig,
+        spec: AdapterSpec,
+        encoder: "LexicalEncoder | None" = None,
+    ) -> "LexLoraModel":
+        """A fresh adapter (LoRA B = 0, zero fusion): computes exactly what the base computes.
+
+        An 8-bit / 4-bit base (model.quantization) gets PEFT's k-bit preparation first (frozen, its
+        non-quantized half-precision weights upcast to fp32); gradient checkpointing is separate:
+        `enable_gradient_checkpointing`."""
+        if is_quantized(base):
+            was_training = base.training
+            prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+            base.train(was_training)
+        base.requires_grad_(False)
+        try:
+            peft_model = get_peft_model(base, lora_config)
+        except ValueError as exc:  # e.g. target modules not found in the base
+            raise ConfigError(f"could not add LoRA to {lora_config.base_model_name_or_path}: {exc}") from None
+        fusion = None
+        if spec.fusion_enabled:
+            assert spec.embedding_dim is not None
+            fusion = LexicalFusion(spec.embedding_dim, encoder_input_width(base), spec.fusion_mode or "add")
+        return cls(peft_model, tokenizer, spec, fusion, encoder)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model as it computes; tied weights counted once. A module
+        trained in full (PEFT `modules_to_save`, e.g. a warm start's cross-attention) counts once: its
+        trainable copy replaces the frozen original, which is left out of the total."""
+        named = list(self.named_parameters())
+        trainable = sum(p.numel() for _, p in named if p.requires_grad)
+        total = sum(p.numel() for n, p in named if ".original_module." not in n)
+        return trainable, total
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA weights under PEFT's key names, plus the fusion projection under `lexical_fusion.`."""
+        state = dict(get_peft_model_state_dict(self.peft_model, save_embedding_layers=False))
+        if self.lexical_fusion is not None:
+            for key, value in self.lexical_fusion.state_dict().items():
+                state[FUSION_PREFIX + key] = value
+        return state
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+        lora = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
+        fusion = {k[len(FUSION_PREFIX):]: v for k, v in state.items() if k.startswith(FUSION_PREFIX)}
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise AdapterError(
+                f"{source}: weights do not match the adapter config"
+                + (f"; missing {len(missing)} (e.g. {missing[0]})" if missing else "")
+                + (f"; unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise AdapterError(
+                    f"{source}: tensor {key} has shape {tuple(value.shape)}, the adapter config implies "
+                    f"{tuple(expected[key].shape)} (rank or target modules differ from adapter_config.json?)"
+                )
+        set_peft_model_state_dict(self.peft_model, lora)
+        if self.lexical_fusion is not None:
+            self.lexical_fusion.load_state_dict(fusion)
+
+    @torch.no_grad()
+    def round_trainables_(self, dtype: torch.dtype) -> None:
+        """Round trainable weights through `dtype` in place (what saving in that dtype keeps)."""
+        for param in self.parameters():
+            if param.requires_grad and param.dtype != dtype:
+                param.copy_(param.to(dtype).to(param.dtype))
+
+    # ---- memory -------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model under PEFT's wrapper (the LoRA layers are injected into it)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the base recomputes its layers' activations in the backward pass (in training)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
+
+    # ---- forward / generate ------------------------------------------------------------------
+    def encoder_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lexical_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with the lexical vector fused in, and the (possibly extended) mask."""
+        embeds = self.peft_model.get_input_embeddings()(input_ids)
+        if self.lexical_fusion is None:
+            return embeds, attention_mask
+        if lexical_embeds is None:
+            raise DataError("this adapter uses fusion: lexical_embeds are required")
+        return self.lexical_fusion(embeds, attention_mask, lexical_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        lexical_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
+        if self.training:
+            # A training step never reuses the decoder's key/value cache; building it only costs
+            # memory (and it cannot be kept under gradient checkpointing anyway).
+            kwargs.setdefault("use_cache", False)
+        return self.peft_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lexical_embeds: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Token ids; runs the encoder once on the fused embeddings and decodes from its outputs
+        (greedy or beam: `num_beams`, `max_new_tokens`, ... are passed to transformers)."""
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
+        encoder_outputs = self.peft_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        return self.peft_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
+
+    # ---- raw records in, text out --------------------------------------------------------------
+    @torch.no_grad()
+    def generate_text(
+        self,
+        inputs: Sequence[str | Mapping[str, str]],
+        batch_size: int = 32,
+        max_source_length: int = 128,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        records = self.spec.format_inputs(inputs)
+        lexical = None
+        if self.lexical_fusion is not None:
+            if self.lexical_encoder is None:
+                raise DataError("this adapter uses fusion: set model.lexical_encoder to embed the inputs")
+            lexical = self.lexical_encoder.encode([r[self.spec.lexical_field] for r in records])
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        outputs: list[str] = []
+        try:
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                enc = self.tokenizer(
+                    [self.template.format(r) for r in chunk],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_source_length,
+                ).to(device)
+                lex = lexical[start : start + batch_size].to(device) if lexical is not None else None
+                ids = self.generate(enc["input_ids"], enc["attention_mask"], lex, **generate_kwargs)
+                outputs.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        finally:
+            self.train(was_training)
+        return [text.strip() for text in outputs]
+
+
+def enable_gradient_checkpointing(model: LexLoraModel) -> None:
+    """Recompute the frozen base's layer activations in the backward pass instead of keeping them
+    (train.gradient_checkpointing): less memory, about one more forward pass of time per step.
+
+    Non-reentrant checkpointing (torch.utils.checkpoint with use_reentrant=False) gives LoRA weights
+    inside a checkpointed layer their gradients even when the layer's input does not require grad
+    (fusion off: the embeddings come from the frozen table); transformers also hooks the input
+    embeddings to require grad, as the reentrant variant would need. The fusion projection sits
+    before the first layer, outside any checkpoint. Only layers in training mode are checkpointed,
+    so evaluation and generation are unchanged; `LexLoraModel.forward` passes use_cache=False in
+    training, which checkpointing needs."""
+    base = model.base_model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"train.gradient_checkpointing=true: {type(base).__name__} does not support gradient checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # newer transformers (the old name warns there)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not model.gradient_checkpointing:
+        raise ConfigError(f"train.gradient_checkpointing=true: {type(base).__name__} has no checkpointed layers")
+
+
+def disable_gradient_checkpointing(model: LexLoraModel) -> None:
+    """Undo `enable_gradient_checkpointing` (keep every activation again)."""
+    base = model.base_model
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+    if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
+        base.disable_input_require_grads()

@@ -1,0 +1,400 @@
+"""One frozen base in memory, many adapters loaded under names: switch per dataset, or mix adapters
+row by row in one `generate` call.
+
+    model = LexLoRA.from_pretrained("google/flan-t5-small")
+    model.load_adapter("adapters/file-description", name="desc")
+    model.load_adapter("adapters/file-type", name="type")
+    model.generate(["backup_config.json"], adapter="desc")
+    model.generate(["a.py", "b.md"], adapter=["desc", "type"])      # mixed-adapter batch
+
+Each adapter brings its LoRA weights (see `lexlora.routing`), its fusion projection (own mode and
+dims), prompt template, fields and generation defaults. Nothing is changed by a refused load.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lexlora.adapters.files import (
+    AdapterFiles,
+    base_config_from_metadata,
+    read_adapter_dir,
+)
+from lexlora.adapters.fingerprint import check_fingerprint, fingerprint
+from lexlora.adapters.format import read_metadata
+from lexlora.config import ModelConfig
+from lexlora.data.embeddings import LexicalEncoder
+from lexlora.data.spec import AdapterSpec
+from lexlora.errors import AdapterError, DataError
+from lexlora.model.fusion import FUSION_PREFIX, encoder_input_width, fuse
+from lexlora.model.loading import load_base_model, load_tokenizer
+from lexlora.serving.routing import LoraRouter, LoraWeights
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_MAX_SOURCE_LENGTH = 128
+DEFAULT_MAX_NEW_TOKENS = 48
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter resident on the registry's base."""
+
+    name: str
+    path: Path
+    spec: AdapterSpec
+    metadata: dict[str, Any]
+    lora: LoraWeights
+    fusion: dict[str, torch.Tensor] = field(default_factory=dict)  # proj.weight / proj.bias, as saved
+    file_bytes: int = 0
+
+    @property
+    def max_source_length(self) -> int:
+        return int((self.metadata.get("data") or {}).get("max_source_length") or DEFAULT_MAX_SOURCE_LENGTH)
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        generation = self.metadata.get("generation") or {}
+        return {
+            "max_new_tokens": int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+            "num_beams": int(generation.get("num_beams") or 1),
+        }
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.lora.nbytes + sum(t.nbytes for t in self.fusion.values())
+
+    def describe(self) -> dict[str, Any]:
+        lora = self.metadata.get("lora") or {}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "base": (self.metadata.get("base") or {}).get("model_id"),
+            "rank": lora.get("r"),
+            "input_fields": self.spec.input_fields,
+            "input_template": self.spec.input_template,
+            "target_field": self.spec.target_field,
+            "fusion_mode": self.spec.fusion_mode,
+            "file_bytes": self.file_bytes,
+            "memory_bytes": self.memory_bytes,
+            "metrics": {k: v for k, v in (self.metadata.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
+        }
+
+
+class LexLoRA:
+    """A frozen seq2seq base with a registry of named adapters."""
+
+    def __init__(self, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_config: ModelConfig):
+        base.requires_grad_(False)
+        base.eval()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.base_config = base_config
+        self.base_fingerprint = fingerprint(base, base_config)  # the base is frozen: computed once
+        self.router = LoraRouter(base)
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._encoders: dict[str, LexicalEncoder] = {}
+        self.active_adapter: str | None = None
+        self._disabled = False
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        random_init: bool = False,
+        init_seed: int = 0,
+        config_overrides: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+    ) -> "LexLoRA":
+        """Load the base once (by id or path, as transformers does)."""
+        config = ModelConfig(
+            name_or_path=name_or_path, random_init=random_init, init_seed=init_seed,
+            config_overrides=dict(config_overrides or {}),
+        )
+        return cls.from_config(config, device=device)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str | torch.device | None = None) -> "LexLoRA":
+        base = load_base_model(config)
+        if device is not None:
+            base.to(device)
+        return cls(base, load_tokenizer(config), config)
+
+    @classmethod
+    def for_adapter(cls, adapter_dir: str | Path, device: str | torch.device | None = None) -> "LexLoRA":
+        """The base an adapter was trained on, as recorded in its metadata (nothing loaded yet)."""
+        return cls.from_config(base_config_from_metadata(read_metadata(adapter_dir)), device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    # ---- the registry ----------------------------------------------------------------------------
+    def load_adapter(
+        self, adapter_dir: str | Path, name: str | None = None, *, replace: bool = False, allow_pickle: bool = False
+    ) -> LoadedAdapter:
+        """Load an adapter dir under `name` (default: the dir's name). Refuses, leaving the registry as
+        it was, a name already loaded (unless `replace`), an incomplete or corrupted dir, or an
+        adapter trained on another base. A pickle adapter_model.bin is read only with `allow_pickle`
+        (tensors only, as load_adapter)."""
+        adapter_dir = Path(adapter_dir)
+        name = name if name is not None else adapter_dir.name
+        check_adapter_name(name)
+        if name in self._adapters and not replace:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pass replace=True")
+        files = read_adapter_dir(adapter_dir, allow_pickle)
+        check_fingerprint(files.meta["base"], self.base_fingerprint, str(adapter_dir))
+        loaded = self._build(name, files)
+        if name in self._adapters:
+            self.router.detach(self._adapters[name].lora)
+        self.router.attach(loaded.lora)
+        self._adapters[name] = loaded
+        if self.active_adapter is None:
+            self.active_adapter = name
+        return loaded
+
+    def _build(self, name: str, files: AdapterFiles) -> LoadedAdapter:
+        source = str(files.weights_path)
+        lora_state = {k: v for k, v in files.state.items() if not k.startswith(FUSION_PREFIX)}
+        lora = LoraWeights.from_peft_state(lora_state, files.lora_config, self.base, source, device=self.device)
+        fusion = {k[len(FUSION_PREFIX):]: v for k, v in files.state.items() if k.startswith(FUSION_PREFIX)}
+        spec = files.spec
+        if spec.fusion_enabled:
+            model_dim = encoder_input_width(self.base)
+            weight, bias = fusion.get("proj.weight"), fusion.get("proj.bias")
+            expected = (model_dim, spec.embedding_dim)
+            if weight is None or bias is None or tuple(weight.shape) != expected or tuple(bias.shape) != (model_dim,):
+                raise AdapterError(
+                    f"{source}: the fusion projection must be proj.weight {expected} and proj.bias ({model_dim},) "
+                    f"for this base and embedding_dim {spec.embedding_dim}"
+                )
+            fusion = {k: v.to(self.device) for k, v in fusion.items()}
+        return LoadedAdapter(
+            name=name, path=files.path, spec=spec, metadata=files.meta, lora=lora, fusion=fusion,
+            file_bytes=files.weights_bytes,
+        )
+
+    def delete_adapter(self, name: str) -> None:
+        """Unload an adapter; its memory is freed once no call is using it."""
+        loaded = self._get(name)
+        self.router.detach(loaded.lora)
+        del self._adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self._adapters), None)
+
+    def set_adapter(self, name: str) -> None:
+        """Make `name` the adapter `generate` uses when none is given."""
+        self._get(name)
+        self.active_adapter = name
+
+    @property
+    def adapters(self) -> dict[str, LoadedAdapter]:
+        """The loaded adapters by name (a copy: changing it changes nothing)."""
+        return dict(self._adapters)
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        return [a.describe() for a in list(self._adapters.values())]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def _get(self, name: str) -> LoadedAdapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            loaded = ", ".join(sorted(self._adapters)) or "none"
+            raise AdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded})") from None
+
+    def encoder_for(self, model_id: str) -> LexicalEncoder:
+        """One embedding model (and cache) per id, shared by the adapters that use it."""
+        if model_id not in self._encoders:
+            self._encoders[model_id] = LexicalEncoder(model_id, device=self.device)
+        return self._encoders[model_id]
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: Sequence[str | Mapping[str, str]],
+        adapter: str | Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """One output per input. `adapter` is a name for all rows, a name per row (a mixed-adapter
+        batch), or None for the active adapter. Each row is formatted by its adapter's template; rows
+        whose adapters' generation defaults differ run in separate batches, so a row's output is the
+        same as when its adapter runs alone."""
+        adapters, records = self._rows(inputs, adapter)
+        lexical = self._lexical_vectors(adapters, records)
+
+        settings: dict[tuple[int, int], list[int]] = {}
+        for row, loaded in enumerate(adapters):
+            defaults = loaded.generation_defaults
+            key = (max_new_tokens or defaults["max_new_tokens"], num_beams or defaults["num_beams"])
+            settings.setdefault(key, []).append(row)
+        outputs: list[str] = [""] * len(records)
+        for (new_tokens, beams), rows in settings.items():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                texts = self._generate_rows(
+                    [adapters[i] for i in chunk], [records[i] for i in chunk], [lexical[i] for i in chunk],
+                    max_new_tokens=new_tokens, num_beams=beams, **generate_kwargs,
+                )
+                for row, text in zip(chunk, texts):
+                    outputs[row] = text
+        return outputs
+
+    def _rows(
+        self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None
+    ) -> tuple[list[LoadedAdapter], list[dict[str, str]]]:
+        """Each input's adapter, and its record formatted for that adapter."""
+        if isinstance(inputs, (str, Mapping)):
+            raise DataError("inputs must be a list of strings or records, not a single one")
+        count = len(inputs)
+        if adapter is None:
+            if self.active_adapter is None:
+                raise AdapterError("no adapter is loaded; load one with load_adapter() first")
+            names = [self.active_adapter] * count
+        elif isinstance(adapter, str):
+            names = [adapter] * count
+        else:
+            names = list(adapter)
+            if len(names) != count:
+                raise DataError(f"got {count} inputs but {len(names)} adapter names; give one name per input")
+        adapters = [self._get(n) for n in names]
+        return adapters, [a.spec.format_input(item, i) for i, (a, item) in enumerate(zip(adapters, inputs))]
+
+    def _lexical_vectors(self, adapters: list[LoadedAdapter], records: list[dict[str, str]]) -> list[torch.Tensor | None]:
+        vectors: list[torch.Tensor | None] = [None] * len(records)
+        if self._disabled:  # the base alone uses no fusion: nothing to embed
+            return vectors
+        by_model: dict[str, list[int]] = {}
+        for row, loaded in enumerate(adapters):
+            if loaded.spec.fusion_enabled:
+                by_model.setdefault(loaded.spec.embedding_model or "", []).append(row)
+        for model_id, rows in by_model.items():
+            encoded = self.encoder_for(model_id).encode([records[i][adapters[i].spec.lexical_field] for i in rows])
+            for row, vector in zip(rows, encoded):
+                vectors[row] = vector
+        return vectors
+
+    def _generate_rows(
+        self,
+        adapters: list[LoadedAdapter],
+        records: list[dict[str, str]],
+        lexical: list[torch.Tensor | None],
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        embeds, mask = self._encoder_inputs(adapters, records, lexical)
+        with self.router.route(self._route_rows(adapters)):
+            encoder_outputs = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            ids = self.base.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def forward(
+        self,
+        inputs: Sequence[str | Mapping[str, str]],
+        adapter: str | Sequence[str] | None = None,
+        *,
+        targets: Sequence[str] | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ):
+        """The base's forward output (logits; loss when `targets` are given) with each row through its
+        adapter: what `generate` decodes from, for scoring and checks."""
+        adapters, records = self._rows(inputs, adapter)
+        embeds, mask = self._encoder_inputs(adapters, records, self._lexical_vectors(adapters, records))
+        labels = None
+        if targets is not None:
+            labels = self.tokenizer(text_target=list(targets), return_tensors="pt", padding=True)["input_ids"]
+            labels[labels == self.tokenizer.pad_token_id] = -100
+            labels = labels.to(self.device)
+        with self.router.route(self._route_rows(adapters)):
+            return self.base(
+                inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids,
+            )
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within this block every row runs on the base alone (no LoRA, no fusion) but is still
+        formatted by its adapter's template and generation defaults: the base-vs-adapter comparison
+        on the same prompts (like PEFT's `disable_adapter()`)."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    def _route_rows(self, adapters: list[LoadedAdapter]) -> list[LoraWeights | None]:
+        return [None if self._disabled else a.lora for a in adapters]
+
+    def _encoder_inputs(
+        self, adapters: list[LoadedAdapter], records: list[dict[str, str]], lexical: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each row truncated to its own adapter's source length, then padded together.
+        features = [
+            {"input_ids": self.tokenizer(a.spec.template.format(r), truncation=True, max_length=a.max_source_length)["input_ids"]}
+            for a, r in zip(adapters, records)
+        ]
+        enc = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
+        return self._fused_inputs(adapters, enc["input_ids"], enc["attention_mask"], lexical)
+
+    def _fused_inputs(
+        self,
+        adapters: list[LoadedAdapter],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        lexical: list[torch.Tensor | None],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with each row's own fusion; rows whose mode adds no position get a masked
+        pad position at the end when others in the batch are prefixed."""
+        embeds = self.base.get_input_embeddings()(input_ids)
+        if self._disabled:
+            return embeds, attention_mask
+        groups: dict[str, list[int]] = {}
+        for row, loaded in enumerate(adapters):
+            groups.setdefault(loaded.name, []).append(row)
+        parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+        for rows in groups.values():
+            loaded = adapters[rows[0]]
+            index = torch.tensor(rows, device=embeds.device)
+            part_embeds, part_mask = embeds.index_select(0, index), attention_mask.index_select(0, index)
+            if loaded.spec.fusion_enabled:
+                weight = loaded.fusion["proj.weight"].to(embeds.dtype)
+                bias = loaded.fusion["proj.bias"].to(embeds.dtype)
+                vectors = torch.stack([lexical[i] for i in rows]).to(embeds.device)
+                part_embeds, part_mask = fuse(loaded.spec.fusion_mode, weight, bias, part_embeds, part_mask, vectors)
+            parts.append((rows, part_embeds, part_mask))
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        length = max(p[1].shape[1] for p in parts)
+        out_embeds = embeds.new_zeros(embeds.shape[0], length, embeds.shape[2])
+        out_mask = attention_mask.new_zeros(attention_mask.shape[0], length)
+        for rows, part_embeds, part_mask in parts:
+            index = torch.tensor(rows, device=embeds.device)
+            out_embeds[index, : part_embeds.shape[1]] = part_embeds
+            out_mask[index, : part_mask.shape[1]] = part_mask
+        return out_embeds, out_mask
+
+
+def check_adapter_name(name: str) -> None:
+    """Names are plain words: they appear in URLs and never reach outside an adapters dir."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 128 characters, no '..')"
+        )

@@ -1,0 +1,45 @@
+import torch
+
+from lexlora.data.embeddings import LexicalEncoder
+from tests.conftest import EMBEDDING_MODEL
+
+
+def test_encodes_each_distinct_text_once_and_caches_on_disk(tmp_path):
+    encoder = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path, batch_size=4)
+    texts = ["backup_config", "extract_window_events", "backup_config", "readme"]
+    first = encoder.encode(texts)
+    assert first.shape == (4, 384) and first.dtype == torch.float32
+    assert encoder.encoded_count == 3
+    assert torch.equal(first[0], first[2])
+    assert list((tmp_path / EMBEDDING_MODEL.replace("/", "--")).glob("shard-*.safetensors"))
+
+    # A second run (new encoder, same cache) encodes nothing and never loads the model.
+    again = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path)
+    second = again.encode(list(reversed(texts)))
+    assert again.encoded_count == 0 and again._model is None
+    assert torch.equal(second, first.flip(0))
+    assert again.dim == 384
+
+
+def test_embeddings_are_those_of_sentence_transformers(tmp_path):
+    encoder = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path)
+    vectors = encoder.encode(["main.py", "notes.txt"])
+    direct = encoder.model.encode(["main.py", "notes.txt"], convert_to_tensor=True).float()
+    assert torch.allclose(vectors, direct, atol=1e-5)
+    # A lightly different text gets a different, but similar, vector.
+    a, b = encoder.encode(["backup_config", "backup_configs"])
+    assert 0.5 < torch.nn.functional.cosine_similarity(a, b, dim=0) < 0.9999
+
+
+def test_shards_are_merged(tmp_path, monkeypatch):
+    import lexlora.data.embeddings as embeddings
+
+    monkeypatch.setattr(embeddings, "MAX_SHARDS", 2)
+    encoder = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path)
+    for i in range(4):
+        encoder.encode([f"file_{i}"])
+    shards = list((tmp_path / EMBEDDING_MODEL.replace("/", "--")).glob("shard-*.safetensors"))
+    assert len(shards) <= 2
+    fresh = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path)
+    fresh.encode([f"file_{i}" for i in range(4)])
+    assert fresh.encoded_count == 0
