@@ -80,3 +80,20 @@ def test_cuda_peak_follows_allocations_and_resets():
     reset_peak(device)
     assert peak_memory(device)["peak_cuda_allocated_bytes"] < base + 256 * MB
     assert "MB allocated" in describe_memory(report)
+
+
+def test_without_resource_or_proc_the_figures_are_unknown_not_a_crash(monkeypatch):
+    import sys
+
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc here")
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError
+    monkeypatch.setattr(memory, "resource", None, raising=False)
+    monkeypatch.setattr(memory, "open", no_proc, raising=False)
+    assert peak_rss_bytes() is None and current_rss_bytes() is None
+    report = peak_memory("cpu")
+    assert report == {"device": "cpu", "peak_rss_bytes": None}
+    assert describe_memory(report) == "peak memory on cpu: unknown (no process RSS figure on this system)"
+    assert max_peaks([report, report])["peak_rss_bytes"] is None
+    assert max_peaks([report, {"device": "cpu", "peak_rss_bytes": 5}])["peak_rss_bytes"] == 5
