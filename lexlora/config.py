@@ -6,9 +6,12 @@ engine); lexlora only turns its errors into `ConfigError`s and checks the values
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from functools import cache, reduce
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, get_args, get_type_hints
 
 import yaml
 from omegaconf import OmegaConf
@@ -16,14 +19,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lexlora.errors import ConfigError
 
+# The one home of each set of choices; the modules that act on a value import its set from here.
 FUSION_MODES = ("add", "first", "prefix")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
-TASKS = ("auto", "text", "labels")
+SCORED_TASKS = ("text", "labels")  # what lexlora.evaluation.metrics.score computes
+TASKS = ("auto", *SCORED_TASKS)  # "auto": detected from the references
 TRACKERS = ("tensorboard", "wandb")
 QUANTIZATION = ("none", "8bit", "4bit")
-DUPLICATE_IDS = ("warn", "drop", "refuse", "ignore")  # lexlora.records.DUPLICATE_ID_POLICIES
+DUPLICATE_IDS = ("warn", "drop", "refuse", "ignore")
 LONG_TARGETS = ("truncate", "refuse")
+DATA_FORMATS = ("auto", "jsonl", "json", "csv", "hf")
+LORA_BIASES = ("none", "all", "lora_only")  # peft.LoraConfig's; it accepts any other and fails later
 
 
 @dataclass
@@ -192,47 +199,26 @@ class Config:
     def check(self) -> None:
         """Check the values' meaning. Runs on load; training runs it again for configs built or
         changed in Python (attribute assignment skips __post_init__)."""
-        _check_choice("fusion.mode", self.fusion.mode, FUSION_MODES)
-        _check_choice("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION)
-        _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
-        _check_choice("data.format", self.data.format, ("auto", "jsonl", "json", "csv", "hf"))
-        _check_choice("data.on_duplicate_id", self.data.on_duplicate_id, DUPLICATE_IDS)
-        _check_choice("data.on_long_target", self.data.on_long_target, LONG_TARGETS)
-        _check_choice("model.quantization", self.model.quantization, QUANTIZATION)
-        for key, value in (
-            ("lora.r", self.lora.r),
-            ("train.batch_size", self.train.batch_size),
-            ("train.eval_batch_size", self.train.eval_batch_size),
-            ("train.gradient_accumulation_steps", self.train.gradient_accumulation_steps),
-            ("train.log_every", self.train.log_every),
-            ("data.max_source_length", self.data.max_source_length),
-            ("data.max_target_length", self.data.max_target_length),
-            ("generation.max_new_tokens", self.generation.max_new_tokens),
-            ("generation.num_beams", self.generation.num_beams),
-            ("train.keep_checkpoints", self.train.keep_checkpoints),
-            ("train.checkpoint_every", self.train.checkpoint_every or 1),
-        ):
-            if value < 1:
-                raise ConfigError(f"{key} must be at least 1, got {value}")
-        if self.train.max_steps is not None and self.train.max_steps < 1:
-            raise ConfigError(f"train.max_steps must be at least 1, got {self.train.max_steps}")
-        if self.train.epochs < 1 and self.train.max_steps is None:
-            raise ConfigError("train.epochs must be at least 1 (or set train.max_steps)")
-        if not 0.0 <= self.lora.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        for key, choices in CHOICES.items():
+            _check_choice(key, self.value(key), choices)
+        for key, rule in NUMERIC_RULES.items():
+            rule.check(key, self.value(key), _allows_none(key))
+        if self.train.epochs == 0 and self.train.max_steps is None:
+            raise ConfigError("train.epochs must be at least 1 (or set train.max_steps), got 0")
         if "train" not in self.data.splits:
             raise ConfigError("data.splits needs a 'train' entry, e.g. data.splits.train='[:90%]'")
         self._check_evaluation()
 
+    def value(self, key: str) -> Any:
+        """The value of a dotted key, e.g. "train.learning_rate"."""
+        return reduce(getattr, key.split("."), self)
+
     def _check_evaluation(self) -> None:
         # Which metric names a task produces is checked by training once the task is known.
         train = self.train
-        _check_choice("data.task", self.data.task, TASKS)
         train.trackers()
         if not train.eval_metric.strip():
             raise ConfigError("train.eval_metric must name a metric, e.g. val_loss or rougeL")
-        if train.eval_max_rows is not None and train.eval_max_rows < 1:
-            raise ConfigError(f"train.eval_max_rows must be at least 1, got {train.eval_max_rows}")
         if train.eval_metric != "val_loss" and train.eval_generate is False:
             raise ConfigError(
                 f"train.eval_metric={train.eval_metric} is computed on generated outputs; "
@@ -243,6 +229,95 @@ class Config:
                 f"train.eval_metric={train.eval_metric} / train.eval_generate need a validation split: "
                 "add data.splits.validation, e.g. data.splits.validation='[90%:]'"
             )
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: from `low` to `high` (either may be open or absent)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # when a value in the range still needs something else
+
+    def check(self, key: str, value: Any, allows_none: bool = False) -> None:
+        if value is None and allows_none:  # an Optional key's "unset"
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (low_ok and high_ok):
+            raise ConfigError(f"{key} must be {self}, got {value}")
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"more than {self.low}" if self.low_open else f"at least {self.low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+MORE_THAN_0 = Range(0, low_open=True)
+# accelerate's set_seed seeds numpy too, which takes 0 .. 2**32 - 1; every seed gets that range.
+SEED = Range(0, 2**32 - 1)
+
+# Every numeric key of the config (a test walks the dataclasses so that a new key needs a rule).
+NUMERIC_RULES: dict[str, Range] = {
+    "model.init_seed": SEED,
+    "lora.r": AT_LEAST_1,
+    "lora.alpha": MORE_THAN_0,
+    "lora.dropout": Range(0, 1, high_open=True),
+    "fusion.embedding_batch_size": AT_LEAST_1,
+    "data.shuffle_seed": SEED,
+    "data.max_source_length": AT_LEAST_1,
+    "data.max_target_length": AT_LEAST_1,
+    "data.pad_to_multiple_of": AT_LEAST_1,
+    "train.epochs": Range(0, note="0 only with train.max_steps"),
+    "train.max_steps": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.eval_batch_size": AT_LEAST_1,
+    "train.learning_rate": MORE_THAN_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.warmup_ratio": Range(0, 1),
+    "train.gradient_accumulation_steps": AT_LEAST_1,
+    "train.max_grad_norm": Range(0, note="0: no clipping"),
+    "train.seed": SEED,
+    "train.log_every": AT_LEAST_1,
+    "train.num_workers": AT_LEAST_0,
+    "train.cpu_threads": AT_LEAST_1,
+    "train.eval_max_rows": AT_LEAST_1,
+    "train.checkpoint_every": Range(0, note="0 as null: at epoch ends only"),
+    "train.keep_checkpoints": AT_LEAST_1,
+    "generation.max_new_tokens": AT_LEAST_1,
+    "generation.num_beams": AT_LEAST_1,
+    "generation.batch_size": AT_LEAST_1,
+}
+
+CHOICES: dict[str, Sequence[str]] = {
+    "model.quantization": QUANTIZATION,
+    "lora.bias": LORA_BIASES,
+    "fusion.mode": FUSION_MODES,
+    "data.format": DATA_FORMATS,
+    "data.on_duplicate_id": DUPLICATE_IDS,
+    "data.on_long_target": LONG_TARGETS,
+    "data.task": TASKS,
+    "train.mixed_precision": MIXED_PRECISION,
+    "save_dtype": SAVE_DTYPES,
+}
+
+
+@cache
+def _allows_none(key: str) -> bool:
+    """Whether the dataclass field of a dotted key is Optional."""
+    *sections, name = key.split(".")
+    owner = reduce(lambda cls, section: get_type_hints(cls)[section], sections, Config)
+    return type(None) in get_args(get_type_hints(owner)[name])
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:

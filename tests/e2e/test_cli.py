@@ -176,3 +176,26 @@ def test_generate_refuses_a_pickle_adapter_unless_allowed(tmp_path, capsys, toke
     assert "only a pickle adapter_model.bin is present; lexlora loads safetensors only" in err and "--allow-pickle" in err
     assert main([*command, "--allow-pickle"]) == 0
     assert capsys.readouterr().out == safetensors_output
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=-1", "train.learning_rate must be more than 0, got -1.0"),
+        ("train.num_workers=-1", "train.num_workers must be at least 0, got -1"),
+        ("generation.batch_size=0", "generation.batch_size must be at least 1, got 0"),
+    ],
+)
+def test_out_of_range_config_value_exits_2_before_any_work(tmp_path, capsys, monkeypatch, override, message):
+    import lexlora.training.recipe as recipe
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("training started with a bad config")
+
+    monkeypatch.setattr(recipe, "train", no_work)
+    config = write_config(tmp_path, ROOT / "examples" / "python_stdlib.jsonl")
+    code = main(["train", "--config", str(config), f"output_dir={tmp_path / 'x'}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("lexlora:")] == [f"lexlora: error: {config}: {message}"]
+    assert not (tmp_path / "x").exists()
