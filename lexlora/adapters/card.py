@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from lexlora.adapters.format import AdapterMetadata
 
 
-def model_card(meta: dict[str, Any], name: str) -> str:
-    adapter = meta["adapter"]
-    base = meta["base"]
-    weights = meta["weights"]
+def model_card(meta: AdapterMetadata, name: str) -> str:
+    adapter, base, weights = meta.adapter, meta.base, meta.weights
     fusion = (
         f"{adapter['fusion_mode']} (embedding of `{adapter['lexical_field']}` by {adapter['embedding_model']}, "
         f"{adapter['embedding_dim']} dims)"
         if adapter.get("fusion_mode")
         else "off"
     )
-    metrics = meta.get("metrics") or {}
-    metric_lines = "\n".join(f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, (dict, list)))
-    samples = meta.get("samples") or []
+    metric_lines = "\n".join(f"| {k} | {v} |" for k, v in meta.scalar_metrics.items())
+    samples = meta.samples
     sample_lines = "\n".join(
         f"| {s['input']} | {s['reference']} | {s['output']} |".replace("\n", " ") for s in samples
     )
@@ -29,7 +26,7 @@ A lexlora adapter: LoRA + lexical fusion projection for `{base.get('model_id')}`
 - Prompt template: `{adapter['input_template']}`
 - Target field: `{adapter['target_field']}`
 - Fusion: {fusion}
-- Weights: {weights['parameters']:,} parameters, {weights['bytes'] / 1e6:.2f} MB ({weights['dtype']})
+- Weights: {weights.parameters:,} parameters, {weights.bytes / 1e6:.2f} MB ({weights.dtype})
 
 ## Use
 

@@ -39,13 +39,12 @@ def describe_adapter(adapter_dir: str | Path, verify: bool = False) -> dict[str,
     With `verify`, also hashes the weights file against the recorded sha256 ("checksum")."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
-    base, spec, weights = meta["base"], meta["adapter"], meta["weights"]
-    lora, dataset, metrics = _section(meta, "lora"), _section(meta, "dataset"), _section(meta, "metrics")
+    base, spec, weights, dataset, metrics = meta.base, meta.adapter, meta.weights, meta.dataset, meta.metrics
     # adapter_config.json is what PEFT actually loads, and it holds the resolved target modules where
     # lexlora.json may say null ("the architecture's default"); lexlora.json is the fallback.
     peft = _read_json_object(adapter_dir / CONFIG_NAME)
     weights_path = adapter_dir / WEIGHTS_NAME  # the file load_adapter reads, whatever "file" says
-    size = weights.get("bytes")
+    size = weights.bytes
     if size is None and weights_path.is_file():
         size = weights_path.stat().st_size
     val_loss = metrics.get("final_val_loss")
@@ -58,15 +57,15 @@ def describe_adapter(adapter_dir: str | Path, verify: bool = False) -> dict[str,
         "base_type": base.get("model_type"),
         "random_init": bool(base.get("random_init")),
         "init_seed": base.get("init_seed"),
-        "dataset": dataset.get("path"),
-        "dataset_sha256": dataset.get("sha256"),
-        "splits": dataset.get("splits") if isinstance(dataset.get("splits"), dict) else None,
-        "rank": peft.get("r", lora.get("r")),
-        "alpha": peft.get("lora_alpha", lora.get("alpha")),
-        "dropout": peft.get("lora_dropout", lora.get("dropout")),
-        "target_modules": peft.get("target_modules") or lora.get("target_modules"),
-        "use_dora": peft.get("use_dora", lora.get("use_dora")),
-        "use_rslora": peft.get("use_rslora", lora.get("use_rslora")),
+        "dataset": dataset.path,
+        "dataset_sha256": dataset.sha256,
+        "splits": dataset.splits or None,
+        "rank": peft.get("r", meta.lora.get("r")),
+        "alpha": peft.get("lora_alpha", meta.lora.get("alpha")),
+        "dropout": peft.get("lora_dropout", meta.lora.get("dropout")),
+        "target_modules": peft.get("target_modules") or meta.lora.get("target_modules"),
+        "use_dora": peft.get("use_dora", meta.lora.get("use_dora")),
+        "use_rslora": peft.get("use_rslora", meta.lora.get("use_rslora")),
         "input_template": spec.get("input_template"),
         "target_field": spec.get("target_field"),
         "lexical_field": spec.get("lexical_field"),
@@ -74,19 +73,19 @@ def describe_adapter(adapter_dir: str | Path, verify: bool = False) -> dict[str,
         "embedding_model": spec.get("embedding_model"),
         "embedding_dim": spec.get("embedding_dim"),
         "weights_bytes": size,
-        "weights_dtype": weights.get("dtype"),
-        "parameters": weights.get("parameters"),
-        "weights_sha256": weights.get("sha256"),
+        "weights_dtype": weights.dtype,
+        "parameters": weights.parameters,
+        "weights_sha256": weights.sha256,
         "val_loss": val_loss if _is_number(val_loss) else None,
         "steps": metrics.get("steps"),
         "metrics": _scalars(metrics),
-        "training": _scalars(_section(meta, "training")),
-        "generation": _scalars(_section(meta, "generation")),
-        "lexlora_version": meta.get("lexlora_version"),
-        "format_version": meta.get("format_version"),
+        "training": _scalars(meta.training),
+        "generation": _scalars(vars(meta.generation)),
+        "lexlora_version": meta.lexlora_version,
+        "format_version": meta.format_version,
     }
     if verify:
-        info["checksum"] = _checksum_status(weights_path, weights.get("sha256"))
+        info["checksum"] = _checksum_status(weights_path, weights.sha256)
     return info
 
 
@@ -193,10 +192,6 @@ def _checksum_status(path: Path, expected: Any) -> str:
         return "not recorded"
     return "ok" if file_sha256(path) == expected else "MISMATCH"
 
-
-def _section(meta: dict[str, Any], key: str) -> dict[str, Any]:
-    value = meta.get(key)
-    return value if isinstance(value, dict) else {}
 
 
 def _scalars(section: dict[str, Any]) -> dict[str, Any]:

@@ -15,10 +15,8 @@ adapter under the final name. Never unpickles.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +35,15 @@ from lexlora.adapters.format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     META_NAME,
+    PEFT_PREFIX,
+    PICKLE_NAME,
     WEIGHTS_NAME,
+    AdapterMetadata,
+    WeightsRecord,
+    matches_target,
     read_metadata,
+    targeted,
+    write_metadata,
 )
 from lexlora.config import FUSION_MODES, ModelConfig
 from lexlora.data.spec import AdapterSpec
@@ -49,10 +54,6 @@ from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.model.lora_model import LexLoraModel
 
 logger = logging.getLogger(__name__)
-
-
-PICKLE_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -105,7 +106,7 @@ def publish(staging: Path, final: str | Path, overwrite: bool) -> Path:
 def write_adapter_files(
     model: LexLoraModel,
     directory: str | Path,
-    metadata: dict[str, Any],
+    metadata: AdapterMetadata | dict[str, Any],
     save_dtype: str = "float16",
 ) -> int:
     """Write weights, PEFT config, metadata and card into `directory`; returns the weights' size.
@@ -120,7 +121,7 @@ def write_adapter_files(
         ) from None
 
 
-def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: dict[str, Any], save_dtype: str) -> int:
+def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: AdapterMetadata | dict[str, Any], save_dtype: str) -> int:
     dtype = DTYPES[save_dtype]
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.trainable_state_dict().items()}
     for key, value in state.items():
@@ -134,22 +135,18 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: dict[st
     weights.chmod(0o666 & ~_umask())
     lora_config = model.peft_model.peft_config["default"]
     lora_config.save_pretrained(str(directory))
-    meta = dict(metadata)
-    meta.update(
-        {
-            "format_version": FORMAT_VERSION,
-            "lexlora_version": lexlora.__version__,
-            "adapter": model.spec.to_dict(),
-            "weights": {
-                "file": WEIGHTS_NAME,
-                "sha256": file_sha256(weights),
-                "dtype": save_dtype,
-                "parameters": int(sum(v.numel() for v in state.values())),
-                "bytes": weights.stat().st_size,
-            },
-        }
-    )
-    (directory / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    sections = metadata.to_dict() if isinstance(metadata, AdapterMetadata) else dict(metadata)
+    meta = AdapterMetadata.from_dict({
+        **sections,
+        "format_version": FORMAT_VERSION,
+        "lexlora_version": lexlora.__version__,
+        "adapter": model.spec.to_dict(),
+        "weights": vars(WeightsRecord(
+            file=WEIGHTS_NAME, sha256=file_sha256(weights), dtype=save_dtype,
+            parameters=int(sum(v.numel() for v in state.values())), bytes=weights.stat().st_size,
+        )),
+    }, str(directory / META_NAME))
+    write_metadata(directory, meta)
     (directory / CARD_NAME).write_text(model_card(meta, directory.name))
     return weights.stat().st_size
 
@@ -157,7 +154,7 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: dict[st
 def save_adapter(
     model: LexLoraModel,
     output_dir: str | Path,
-    metadata: dict[str, Any],
+    metadata: AdapterMetadata | dict[str, Any],
     save_dtype: str = "float16",
     overwrite: bool = False,
 ) -> Path:
@@ -171,7 +168,7 @@ def save_adapter(
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
 
 
-def read_weights(adapter_dir: Path, meta: dict[str, Any], allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_weights(adapter_dir: Path, meta: AdapterMetadata, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The weights, checked against the sha256 in lexlora.json. A pickle adapter_model.bin (what
     PEFT wrote before safetensors) is refused unless `allow_pickle`; even then it is read with
     torch.load(weights_only=True), which only rebuilds tensors."""
@@ -196,17 +193,17 @@ def read_weights(adapter_dir: Path, meta: dict[str, Any], allow_pickle: bool = F
     return state
 
 
-def _check_sha256(path: Path, meta: dict[str, Any]) -> None:
-    recorded = meta["weights"]
-    expected = recorded.get("sha256")
-    if recorded.get("file", WEIGHTS_NAME) != path.name:
-        logger.warning("%s: %s records the checksum of %s; this file is not verified", path, META_NAME, recorded.get("file"))
+def _check_sha256(path: Path, meta: AdapterMetadata) -> None:
+    recorded = meta.weights
+    expected = recorded.sha256
+    if recorded.file != path.name:
+        logger.warning("%s: %s records the checksum of %s; this file is not verified", path, META_NAME, recorded.file)
         return
     if expected and file_sha256(path) != expected:
         raise AdapterError(f"{path}: checksum differs from {META_NAME}; the file is corrupted or was replaced")
 
 
-def _read_pickle(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path, meta: AdapterMetadata) -> dict[str, torch.Tensor]:
     logger.warning("%s: loading a pickle weights file (allow_pickle), tensors only (weights_only=True)", path)
     _check_sha256(path, meta)
     try:
@@ -220,12 +217,12 @@ def _read_pickle(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def spec_from_metadata(meta: dict[str, Any], source: str) -> AdapterSpec:
+def spec_from_metadata(meta: AdapterMetadata, source: str) -> AdapterSpec:
     """The adapter spec of lexlora.json, checked: a hand-edited or foreign file fails here, naming
     the key, rather than deep inside generation."""
     where = f"{source}: 'adapter' in {META_NAME}"
     try:
-        spec = AdapterSpec(**meta["adapter"])
+        spec = AdapterSpec(**meta.adapter)
     except TypeError as exc:
         raise AdapterError(f"{where} is not valid ({exc})") from None
     for key in ("input_template", "target_field"):
@@ -250,8 +247,8 @@ def spec_from_metadata(meta: dict[str, Any], source: str) -> AdapterSpec:
     return spec
 
 
-def base_config_from_metadata(meta: dict[str, Any]) -> ModelConfig:
-    base = meta["base"]
+def base_config_from_metadata(meta: AdapterMetadata) -> ModelConfig:
+    base = meta.base
     try:
         model_id = base.get("model_id")
         if not isinstance(model_id, str) or not model_id:
@@ -271,7 +268,7 @@ class AdapterFiles:
     """An adapter dir read and checked, before anything is loaded onto a base."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: AdapterMetadata
     spec: AdapterSpec
     lora_config: LoraConfig
     state: dict[str, torch.Tensor]
@@ -310,12 +307,6 @@ def read_adapter_dir(adapter_dir: str | Path, allow_pickle: bool = False) -> Ada
     return AdapterFiles(adapter_dir, meta, spec, lora_config, state)
 
 
-def _targeted(module: str, targets: Any) -> bool:
-    """PEFT's rule: a regex over the whole module path, or a list of names the path ends with."""
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets)
-
 
 def check_lora_state(state: dict[str, torch.Tensor], config: LoraConfig, adapter_dir: Path) -> None:
     """The LoRA tensors agree with adapter_config.json: every module they touch is a target, every
@@ -333,7 +324,7 @@ def check_lora_state(state: dict[str, torch.Tensor], config: LoraConfig, adapter
             continue  # other PEFT tensors: the loaders say whether they can use them
         module = path.removeprefix(PEFT_PREFIX)
         modules.add(module)
-        if targets is not None and not _targeted(module, targets):
+        if targets is not None and not targeted(module, targets):
             raise AdapterError(
                 f"{source}: the weights hold LoRA for {module}, which target_modules {sorted(targets) if not isinstance(targets, str) else targets!r} "
                 "does not select; the config and the weights are from different adapters"
@@ -347,7 +338,7 @@ def check_lora_state(state: dict[str, torch.Tensor], config: LoraConfig, adapter
     if not modules:
         raise AdapterError(f"{source}: the weights hold no LoRA tensors (lora_A / lora_B)")
     if targets is not None and not isinstance(targets, str):
-        unused = sorted(t for t in targets if not any(m == t or m.endswith(f".{t}") for m in modules))
+        unused = sorted(t for t in targets if not any(matches_target(m, t) for m in modules))
         if unused:
             raise AdapterError(
                 f"{source}: target_modules lists {', '.join(map(repr, unused))} but the weights hold no LoRA for "
@@ -371,14 +362,14 @@ def load_adapter(
     base_config = base_config or base_config_from_metadata(files.meta)
     if base is None:
         base = load_base_model(base_config)
-    check_fingerprint(files.meta["base"], fingerprint(base, base_config), str(files.path))
+    check_fingerprint(files.meta.base, fingerprint(base, base_config), str(files.path))
     if tokenizer is None:
         tokenizer = load_tokenizer(base_config)
     lora_config = files.lora_config
     lora_config.inference_mode = False
-    model = LexLoraModel.create(base, tokenizer, lora_config, files.spec)
+    model = LexLoraModel.create(base, tokenizer, lora_config, files.spec, generation=files.meta.generation,
+                                max_source_length=files.meta.max_source_length)
     model.load_trainable_state_dict(files.state, source=str(files.weights_path))
     model.requires_grad_(False)
     model.eval()
-    model.metadata = files.meta
     return model

@@ -18,10 +18,10 @@ __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from lexlora.data.records import Record, read_records
-    from lexlora.data.prompts import PromptTemplate, required_fields
-    from lexlora.data.splits import load_splits, split_records
-    from lexlora.data.spec import AdapterSpec
-    from lexlora.data.tokenization import EncodedSplit, LexicalCollator, encode_split
-    from lexlora.data.embeddings import EmbeddingCache, LexicalEncoder
-    from lexlora.data.prepare import PreparedData, prepare_data
+    from lexlora.data.records import Record, read_records  # noqa: F401
+    from lexlora.data.prompts import PromptTemplate, required_fields  # noqa: F401
+    from lexlora.data.splits import load_splits, split_records  # noqa: F401
+    from lexlora.data.spec import AdapterSpec  # noqa: F401
+    from lexlora.data.tokenization import EncodedSplit, LexicalCollator, encode_split  # noqa: F401
+    from lexlora.data.embeddings import EmbeddingCache, LexicalEncoder  # noqa: F401
+    from lexlora.data.prepare import PreparedData, prepare_data  # noqa: F401

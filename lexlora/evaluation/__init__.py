@@ -15,7 +15,7 @@ __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from lexlora.evaluation.metrics import classification_metrics, score, text_metrics
-    from lexlora.evaluation.runner import EvalResult, evaluate_adapter, run_evaluation
-    from lexlora.evaluation.reports import write_eval_report
-    from lexlora.evaluation.diagnostics import diagnose_file
+    from lexlora.evaluation.metrics import classification_metrics, score, text_metrics  # noqa: F401
+    from lexlora.evaluation.runner import EvalResult, evaluate_adapter, run_evaluation  # noqa: F401
+    from lexlora.evaluation.reports import write_eval_report  # noqa: F401
+    from lexlora.evaluation.diagnostics import diagnose_file  # noqa: F401

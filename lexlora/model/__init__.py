@@ -16,8 +16,17 @@ __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from lexlora.model.families import default_target_modules, default_modules_to_save, parse_encoder_decoder
-    from lexlora.model.loading import load_base_model, load_tokenizer
-    from lexlora.model.fusion import LexicalFusion, fuse, encoder_input_width
-    from lexlora.model.fast_ops import use_fast_ops
-    from lexlora.model.lora_model import LexLoraModel, build_lora_config, enable_gradient_checkpointing, disable_gradient_checkpointing
+    from lexlora.model.families import (  # noqa: F401
+        default_modules_to_save,
+        default_target_modules,
+        parse_encoder_decoder,
+    )
+    from lexlora.model.fast_ops import use_fast_ops  # noqa: F401
+    from lexlora.model.fusion import LexicalFusion, encoder_input_width, fuse  # noqa: F401
+    from lexlora.model.loading import load_base_model, load_tokenizer  # noqa: F401
+    from lexlora.model.lora_model import (  # noqa: F401
+        LexLoraModel,
+        build_lora_config,
+        disable_gradient_checkpointing,
+        enable_gradient_checkpointing,
+    )

@@ -4,6 +4,7 @@ on its encoder input; forward for training and `generate` through precomputed en
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lexlora.config import LoraSettings
+from lexlora.config import DataConfig, GenerationSettings, LoraSettings
 from lexlora.data.prompts import PromptTemplate
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, ConfigError, DataError
@@ -29,6 +30,12 @@ from lexlora.model.families import (
     default_target_modules,
 )
 from lexlora.model.fusion import FUSION_PREFIX, LexicalFusion, encoder_input_width
+from lexlora.model.generation import (
+    GenerationPipeline,
+    RowPlan,
+    check_input_list,
+    generate_from_embeds,
+)
 from lexlora.model.loading import is_quantized
 
 if TYPE_CHECKING:
@@ -83,6 +90,8 @@ class LexLoraModel(nn.Module):
         spec: AdapterSpec,
         fusion: LexicalFusion | None,
         encoder: "LexicalEncoder | None" = None,
+        generation: GenerationSettings | None = None,
+        max_source_length: int | None = None,
     ):
         super().__init__()
         if spec.fusion_enabled != (fusion is not None):
@@ -94,6 +103,9 @@ class LexLoraModel(nn.Module):
         self.template = PromptTemplate(spec.input_template)
         # Embeds raw inputs for fusion in generate_text; None: loaded by spec.embedding_model on first use.
         self.lexical_encoder = encoder
+        # generate_text's defaults: the adapter's own (its lexlora.json when loaded), else the config's.
+        self.generation = generation or GenerationSettings()
+        self.max_source_length = max_source_length or DataConfig.max_source_length
 
     @classmethod
     def create(
@@ -103,6 +115,8 @@ class LexLoraModel(nn.Module):
         lora_config: LoraConfig,
         spec: AdapterSpec,
         encoder: "LexicalEncoder | None" = None,
+        generation: GenerationSettings | None = None,
+        max_source_length: int | None = None,
     ) -> "LexLoraModel":
         """A fresh adapter (LoRA B = 0, zero fusion): computes exactly what the base computes.
 
@@ -122,7 +136,7 @@ class LexLoraModel(nn.Module):
         if spec.fusion_enabled:
             assert spec.embedding_dim is not None
             fusion = LexicalFusion(spec.embedding_dim, encoder_input_width(base), spec.fusion_mode or "add")
-        return cls(peft_model, tokenizer, spec, fusion, encoder)
+        return cls(peft_model, tokenizer, spec, fusion, encoder, generation, max_source_length)
 
     # ---- parameters -------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
@@ -223,44 +237,61 @@ class LexLoraModel(nn.Module):
         """Token ids; runs the encoder once on the fused embeddings and decodes from its outputs
         (greedy or beam: `num_beams`, `max_new_tokens`, ... are passed to transformers)."""
         embeds, mask = self.encoder_inputs(input_ids, attention_mask, lexical_embeds)
-        encoder_outputs = self.peft_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-        return self.peft_model.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
+        return generate_from_embeds(self.peft_model, embeds, mask, **generate_kwargs)
 
-    # ---- raw records in, text out --------------------------------------------------------------
+    # ---- raw records in, text out (the shared pipeline, lexlora.model.generation) -----------------
     @torch.no_grad()
     def generate_text(
         self,
         inputs: Sequence[str | Mapping[str, str]],
         batch_size: int = 32,
-        max_source_length: int = 128,
+        max_source_length: int | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
-        records = self.spec.format_inputs(inputs)
-        lexical = None
-        if self.lexical_fusion is not None:
-            if self.lexical_encoder is None:
-                raise DataError("this adapter uses fusion: set model.lexical_encoder to embed the inputs")
-            lexical = self.lexical_encoder.encode([r[self.spec.lexical_field] for r in records])
+        """One output per raw input (a string or a record of the adapter's fields). Settings not given
+        are the model's defaults (`generation`, `max_source_length`)."""
+        plan = RowPlan(
+            spec=self.spec,
+            max_source_length=max_source_length or self.max_source_length,
+            max_new_tokens=max_new_tokens or self.generation.max_new_tokens,
+            num_beams=num_beams or self.generation.num_beams,
+        )
         was_training = self.training
         self.eval()
-        device = next(self.parameters()).device
-        outputs: list[str] = []
         try:
-            for start in range(0, len(records), batch_size):
-                chunk = records[start : start + batch_size]
-                enc = self.tokenizer(
-                    [self.template.format(r) for r in chunk],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=max_source_length,
-                ).to(device)
-                lex = lexical[start : start + batch_size].to(device) if lexical is not None else None
-                ids = self.generate(enc["input_ids"], enc["attention_mask"], lex, **generate_kwargs)
-                outputs.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+            return self._pipeline.generate(self, [plan] * len(check_input_list(inputs)), inputs, batch_size=batch_size, **generate_kwargs)
         finally:
             self.train(was_training)
-        return [text.strip() for text in outputs]
+
+    @property
+    def _pipeline(self) -> GenerationPipeline:
+        return GenerationPipeline(self.tokenizer, self._encoder_for)
+
+    def _encoder_for(self, model_id: str) -> "LexicalEncoder":
+        # The run's encoder when one was given (its cache and batch size), else one by id on first use.
+        if self.lexical_encoder is None or self.lexical_encoder.model_id != model_id:
+            from lexlora.data.embeddings import LexicalEncoder
+
+            self.lexical_encoder = LexicalEncoder(model_id, device=self.peft_model.device)
+        return self.lexical_encoder
+
+    # The generation Backend protocol: this model's own LoRA (PEFT) and fusion for every row.
+    @property
+    def seq2seq(self) -> PreTrainedModel:
+        return self.peft_model
+
+    @property
+    def uses_fusion(self) -> bool:
+        return self.lexical_fusion is not None
+
+    def fused_inputs(self, plans, input_ids, attention_mask, lexical):
+        vectors = torch.stack(list(lexical)).to(input_ids.device) if self.lexical_fusion is not None else None
+        return self.encoder_inputs(input_ids, attention_mask, vectors)
+
+    def routed(self, plans) -> AbstractContextManager:
+        return nullcontext()
 
 
 def enable_gradient_checkpointing(model: LexLoraModel) -> None:

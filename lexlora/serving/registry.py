@@ -28,18 +28,17 @@ from lexlora.adapters.files import (
     read_adapter_dir,
 )
 from lexlora.adapters.fingerprint import check_fingerprint, fingerprint
-from lexlora.adapters.format import read_metadata
+from lexlora.adapters.format import AdapterMetadata, read_metadata
 from lexlora.config import ModelConfig
 from lexlora.data.embeddings import LexicalEncoder
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, DataError
 from lexlora.model.fusion import FUSION_PREFIX, encoder_input_width, fuse
+from lexlora.model.generation import GenerationPipeline, RowPlan, check_input_list
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.serving.routing import LoraRouter, LoraWeights
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEFAULT_MAX_SOURCE_LENGTH = 128
-DEFAULT_MAX_NEW_TOKENS = 48
 
 
 @dataclass
@@ -49,41 +48,34 @@ class LoadedAdapter:
     name: str
     path: Path
     spec: AdapterSpec
-    metadata: dict[str, Any]
+    metadata: AdapterMetadata
     lora: LoraWeights
     fusion: dict[str, torch.Tensor] = field(default_factory=dict)  # proj.weight / proj.bias, as saved
     file_bytes: int = 0
 
-    @property
-    def max_source_length(self) -> int:
-        return int((self.metadata.get("data") or {}).get("max_source_length") or DEFAULT_MAX_SOURCE_LENGTH)
-
-    @property
-    def generation_defaults(self) -> dict[str, Any]:
-        generation = self.metadata.get("generation") or {}
-        return {
-            "max_new_tokens": int(generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-            "num_beams": int(generation.get("num_beams") or 1),
-        }
+    def plan(self, max_new_tokens: int | None = None, num_beams: int | None = None) -> RowPlan:
+        """How a row through this adapter is generated: the caller's settings, else the adapter's own."""
+        generation = self.metadata.generation
+        return RowPlan(self.spec, self.metadata.max_source_length, max_new_tokens or generation.max_new_tokens,
+                       num_beams or generation.num_beams, adapter=self)
 
     @property
     def memory_bytes(self) -> int:
         return self.lora.nbytes + sum(t.nbytes for t in self.fusion.values())
 
     def describe(self) -> dict[str, Any]:
-        lora = self.metadata.get("lora") or {}
         return {
             "name": self.name,
             "path": str(self.path),
-            "base": (self.metadata.get("base") or {}).get("model_id"),
-            "rank": lora.get("r"),
+            "base": self.metadata.base.get("model_id"),
+            "rank": self.metadata.lora.get("r"),
             "input_fields": self.spec.input_fields,
             "input_template": self.spec.input_template,
             "target_field": self.spec.target_field,
             "fusion_mode": self.spec.fusion_mode,
             "file_bytes": self.file_bytes,
             "memory_bytes": self.memory_bytes,
-            "metrics": {k: v for k, v in (self.metadata.get("metrics") or {}).items() if not isinstance(v, (dict, list))},
+            "metrics": self.metadata.scalar_metrics,
         }
 
 
@@ -100,6 +92,7 @@ class LexLoRA:
         self.router = LoraRouter(base)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._encoders: dict[str, LexicalEncoder] = {}
+        self.pipeline = GenerationPipeline(tokenizer, self.encoder_for)
         self.active_adapter: str | None = None
         self._disabled = False
 
@@ -151,7 +144,7 @@ class LexLoRA:
         if name in self._adapters and not replace:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pass replace=True")
         files = read_adapter_dir(adapter_dir, allow_pickle)
-        check_fingerprint(files.meta["base"], self.base_fingerprint, str(adapter_dir))
+        check_fingerprint(files.meta.base, self.base_fingerprint, str(adapter_dir))
         loaded = self._build(name, files)
         if name in self._adapters:
             self.router.detach(self._adapters[name].lora)
@@ -222,7 +215,7 @@ class LexLoRA:
             self._encoders[model_id] = LexicalEncoder(model_id, device=self.device)
         return self._encoders[model_id]
 
-    # ---- generation ---------------------------------------------------------------------------
+    # ---- generation (lexlora.model.generation; this registry is its Backend) -----------------------
     @torch.no_grad()
     def generate(
         self,
@@ -238,33 +231,12 @@ class LexLoRA:
         batch), or None for the active adapter. Each row is formatted by its adapter's template; rows
         whose adapters' generation defaults differ run in separate batches, so a row's output is the
         same as when its adapter runs alone."""
-        adapters, records = self._rows(inputs, adapter)
-        lexical = self._lexical_vectors(adapters, records)
+        plans = [a.plan(max_new_tokens, num_beams) for a in self._row_adapters(inputs, adapter)]
+        return self.pipeline.generate(self, plans, inputs, batch_size=batch_size, **generate_kwargs)
 
-        settings: dict[tuple[int, int], list[int]] = {}
-        for row, loaded in enumerate(adapters):
-            defaults = loaded.generation_defaults
-            key = (max_new_tokens or defaults["max_new_tokens"], num_beams or defaults["num_beams"])
-            settings.setdefault(key, []).append(row)
-        outputs: list[str] = [""] * len(records)
-        for (new_tokens, beams), rows in settings.items():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                texts = self._generate_rows(
-                    [adapters[i] for i in chunk], [records[i] for i in chunk], [lexical[i] for i in chunk],
-                    max_new_tokens=new_tokens, num_beams=beams, **generate_kwargs,
-                )
-                for row, text in zip(chunk, texts):
-                    outputs[row] = text
-        return outputs
-
-    def _rows(
-        self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None
-    ) -> tuple[list[LoadedAdapter], list[dict[str, str]]]:
-        """Each input's adapter, and its record formatted for that adapter."""
-        if isinstance(inputs, (str, Mapping)):
-            raise DataError("inputs must be a list of strings or records, not a single one")
-        count = len(inputs)
+    def _row_adapters(self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None) -> list[LoadedAdapter]:
+        """Each input's adapter."""
+        count = len(check_input_list(inputs))
         if adapter is None:
             if self.active_adapter is None:
                 raise AdapterError("no adapter is loaded; load one with load_adapter() first")
@@ -275,35 +247,7 @@ class LexLoRA:
             names = list(adapter)
             if len(names) != count:
                 raise DataError(f"got {count} inputs but {len(names)} adapter names; give one name per input")
-        adapters = [self._get(n) for n in names]
-        return adapters, [a.spec.format_input(item, i) for i, (a, item) in enumerate(zip(adapters, inputs))]
-
-    def _lexical_vectors(self, adapters: list[LoadedAdapter], records: list[dict[str, str]]) -> list[torch.Tensor | None]:
-        vectors: list[torch.Tensor | None] = [None] * len(records)
-        if self._disabled:  # the base alone uses no fusion: nothing to embed
-            return vectors
-        by_model: dict[str, list[int]] = {}
-        for row, loaded in enumerate(adapters):
-            if loaded.spec.fusion_enabled:
-                by_model.setdefault(loaded.spec.embedding_model or "", []).append(row)
-        for model_id, rows in by_model.items():
-            encoded = self.encoder_for(model_id).encode([records[i][adapters[i].spec.lexical_field] for i in rows])
-            for row, vector in zip(rows, encoded):
-                vectors[row] = vector
-        return vectors
-
-    def _generate_rows(
-        self,
-        adapters: list[LoadedAdapter],
-        records: list[dict[str, str]],
-        lexical: list[torch.Tensor | None],
-        **generate_kwargs: Any,
-    ) -> list[str]:
-        embeds, mask = self._encoder_inputs(adapters, records, lexical)
-        with self.router.route(self._route_rows(adapters)):
-            encoder_outputs = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
-            ids = self.base.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **generate_kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return [self._get(n) for n in names]
 
     @torch.no_grad()
     def forward(
@@ -316,14 +260,15 @@ class LexLoRA:
     ):
         """The base's forward output (logits; loss when `targets` are given) with each row through its
         adapter: what `generate` decodes from, for scoring and checks."""
-        adapters, records = self._rows(inputs, adapter)
-        embeds, mask = self._encoder_inputs(adapters, records, self._lexical_vectors(adapters, records))
+        plans = [a.plan() for a in self._row_adapters(inputs, adapter)]
+        records = self.pipeline.records(plans, inputs)
+        embeds, mask = self.pipeline.encoder_inputs(self, plans, records, self.pipeline.lexical(self, plans, records))
         labels = None
         if targets is not None:
             labels = self.tokenizer(text_target=list(targets), return_tensors="pt", padding=True)["input_ids"]
             labels[labels == self.tokenizer.pad_token_id] = -100
             labels = labels.to(self.device)
-        with self.router.route(self._route_rows(adapters)):
+        with self.routed(plans):
             return self.base(
                 inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_input_ids=decoder_input_ids,
             )
@@ -339,26 +284,23 @@ class LexLoRA:
         finally:
             self._disabled = previous
 
-    def _route_rows(self, adapters: list[LoadedAdapter]) -> list[LoraWeights | None]:
-        return [None if self._disabled else a.lora for a in adapters]
+    @property
+    def seq2seq(self) -> PreTrainedModel:
+        return self.base
 
-    def _encoder_inputs(
-        self, adapters: list[LoadedAdapter], records: list[dict[str, str]], lexical: list[torch.Tensor | None]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each row truncated to its own adapter's source length, then padded together.
-        features = [
-            {"input_ids": self.tokenizer(a.spec.template.format(r), truncation=True, max_length=a.max_source_length)["input_ids"]}
-            for a, r in zip(adapters, records)
-        ]
-        enc = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
-        return self._fused_inputs(adapters, enc["input_ids"], enc["attention_mask"], lexical)
+    @property
+    def uses_fusion(self) -> bool:
+        return not self._disabled  # the base alone uses no fusion: nothing to embed
 
-    def _fused_inputs(
+    def routed(self, plans: Sequence[RowPlan]):
+        return self.router.route([None if self._disabled else p.adapter.lora for p in plans])
+
+    def fused_inputs(
         self,
-        adapters: list[LoadedAdapter],
+        plans: Sequence[RowPlan],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        lexical: list[torch.Tensor | None],
+        lexical: Sequence[torch.Tensor | None],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings with each row's own fusion; rows whose mode adds no position get a masked
         pad position at the end when others in the batch are prefixed."""
@@ -366,11 +308,11 @@ class LexLoRA:
         if self._disabled:
             return embeds, attention_mask
         groups: dict[str, list[int]] = {}
-        for row, loaded in enumerate(adapters):
-            groups.setdefault(loaded.name, []).append(row)
+        for row, plan in enumerate(plans):
+            groups.setdefault(plan.adapter.name, []).append(row)
         parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
         for rows in groups.values():
-            loaded = adapters[rows[0]]
+            loaded = plans[rows[0]].adapter
             index = torch.tensor(rows, device=embeds.device)
             part_embeds, part_mask = embeds.index_select(0, index), attention_mask.index_select(0, index)
             if loaded.spec.fusion_enabled:

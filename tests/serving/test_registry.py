@@ -13,7 +13,6 @@ from lexlora.adapters.files import load_adapter, save_adapter
 from lexlora.adapters.fingerprint import fingerprint
 from lexlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
 from lexlora.config import LoraSettings, load_config
-from lexlora.data.embeddings import LexicalEncoder
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, DataError
 from lexlora.model.loading import load_base_model, load_tokenizer
@@ -74,16 +73,14 @@ def inputs_for(name):
 
 
 def alone_through_peft(path, inputs, max_new_tokens):
-    model = load_adapter(path)
-    if model.spec.fusion_enabled:
-        model.lexical_encoder = LexicalEncoder(model.spec.embedding_model)
+    model = load_adapter(path)  # generate_text embeds fusion inputs itself: nothing else to set
     return model.generate_text(inputs, max_new_tokens=max_new_tokens)
 
 
 def test_each_adapter_gives_what_it_gives_alone(registry, adapter_dirs):
     outputs = {}
     for name, path in adapter_dirs.items():
-        max_new_tokens = registry.adapters[name].generation_defaults["max_new_tokens"]
+        max_new_tokens = registry.adapters[name].metadata.generation.max_new_tokens
         outputs[name] = registry.generate(inputs_for(name), adapter=name)
         assert outputs[name] == alone_through_peft(path, inputs_for(name), max_new_tokens)
     assert outputs["desc"] != outputs["plain"]  # the adapters really differ, so the checks mean something
@@ -163,8 +160,8 @@ def test_memory_is_the_saved_weights(registry, adapter_dirs):
     for name in adapter_dirs:
         loaded = registry.adapters[name]
         # Weights stay in the dtype they were saved in (float16, 2 bytes): memory is the file less its header.
-        assert loaded.metadata["weights"]["dtype"] == "float16"
-        assert loaded.memory_bytes == 2 * loaded.metadata["weights"]["parameters"] < loaded.file_bytes
+        assert loaded.metadata.weights.dtype == "float16"
+        assert loaded.memory_bytes == 2 * loaded.metadata.weights.parameters < loaded.file_bytes
 
 
 def corrupt_copy(src, dst, how):
