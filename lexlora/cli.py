@@ -154,11 +154,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lexlora.serving.app import (
-        serve,  # fastapi/uvicorn are only imported by the server
-    )
+    import dataclasses
 
-    return serve(args)
+    from lexlora.serving.server import run_server  # fastapi/uvicorn are only imported by the server
+    from lexlora.serving.settings import ServeSettings
+
+    # The serve sub-parser has one option per setting, under the setting's name.
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    return run_server(settings)
 
 
 # --- lexlora embeddings: lexical embedding diagnostics (lexlora/diagnostics.py) ---
@@ -272,35 +275,39 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--task", choices=("auto", "text", "labels"), default="auto")
     abl.set_defaults(func=run_ablate)
 
+    from lexlora.serving.settings import ServeSettings  # light (no fastapi); its defaults are the options'
+
+    serve_defaults = ServeSettings()
     srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
+    srv.set_defaults(**vars(serve_defaults))
     srv.add_argument(
-        "--adapters", required=True, metavar="DIR", help="dir of adapter dirs; each is loaded under its dir name"
+        "--adapters", dest="adapters_dir", required=True, metavar="DIR",
+        help="dir of adapter dirs; each is loaded under its dir name",
     )
-    srv.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="default: 8000")
+    srv.add_argument("--host", help="default: %(default)s (this machine only)")
+    srv.add_argument("--port", type=int, help="default: %(default)s")
     srv.add_argument("--base", metavar="MODEL_ID", help="base model id or path (default: the first adapter's)")
-    srv.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    srv.add_argument("--max-inputs", type=_positive_int, default=64, help="inputs per request (default: 64)")
+    srv.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    srv.add_argument("--max-inputs", type=_positive_int, help="inputs per request (default: %(default)s)")
+    srv.add_argument("--max-input-chars", type=_positive_int, help="characters per input string (default: %(default)s)")
+    srv.add_argument("--max-batch-rows", type=_positive_int, help="rows per model call (default: %(default)s)")
     srv.add_argument(
-        "--max-input-chars", type=_positive_int, default=1000, help="characters per input string (default: 1000)"
+        "--batch-wait-ms", type=float, help="how long a request waits for others to join its batch (default: %(default)s)"
     )
-    srv.add_argument("--max-batch-rows", type=_positive_int, default=32, help="rows per model call (default: 32)")
+    srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body, else 413 (default: %(default)s)")
     srv.add_argument(
-        "--batch-wait-ms", type=float, default=5.0,
-        help="how long a request waits for others to join its batch (default: 5)",
-    )
-    srv.add_argument(
-        "--max-body-bytes", type=_positive_int, default=4 << 20,
-        help="largest request body, else 413 (default: 4194304)",
-    )
-    srv.add_argument(
-        "--body-timeout-s", type=_positive_float, default=30.0,
-        help="a request body must arrive within this many seconds, else 408 (default: 30)",
+        "--body-timeout-s", type=_positive_float,
+        help="a request body must arrive within this many seconds, else 408 (default: %(default)s)",
     )
     srv.add_argument(
         "--allow-pickle", action="store_true",
         help="also load adapters in --adapters whose weights are a pickle adapter_model.bin (tensors only); "
              "adapters loaded over HTTP stay safetensors-only",
+    )
+    srv.add_argument(
+        "--skip-invalid", action="store_true",
+        help="serve the adapters that load and list the dirs that do not (at startup and in GET /health); "
+             "default: refuse to start, naming each failing dir",
     )
     srv.set_defaults(func=run_serve)
 

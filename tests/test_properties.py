@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from lexlora.data.records import _validate, read_records
 from lexlora.errors import DataError, LexloraError, RequestError
-from lexlora.serving.app import GenerateRequest, ServeSettings, parse_generate_request
+from lexlora.serving import ServeSettings
 from lexlora.serving.registry import ADAPTER_NAME
+from lexlora.serving.schemas import GenerateRequest, parse_generate_request
 
 FIELDS = ["filename", "file_desc"]
 CHECK = settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -8,7 +8,7 @@ from lexlora._exports import lazy_exports
 _EXPORTS = {
     "LexLoRA": "registry", "LoadedAdapter": "registry",
     "LoraRouter": "routing", "LoraWeights": "routing",
-    "ServeSettings": "app", "create_app": "app",
+    "ServeSettings": "settings", "create_app": "app", "run_server": "server",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
@@ -16,4 +16,6 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from lexlora.serving.registry import LexLoRA, LoadedAdapter
     from lexlora.serving.routing import LoraRouter, LoraWeights
-    from lexlora.serving.app import ServeSettings, create_app
+    from lexlora.serving.app import create_app
+    from lexlora.serving.server import run_server
+    from lexlora.serving.settings import ServeSettings

@@ -1,0 +1,204 @@
+"""What a client sends `lexlora serve` and what it gets back: the request / response models (they
+make up the OpenAPI schema) and the checks that turn a request body into a `GenerateRequest` or a
+`RequestError` before anything reaches the model.
+
+`parse_generate_request` takes any body to a request or a `RequestError` (422 malformed, 413 too
+large), never another exception (property-tested with hypothesis in tests/test_properties.py).
+Clients only ever name adapters; `resolve_adapter_dir` keeps a name from becoming a path.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lexlora.errors import AdapterError, RequestError
+from lexlora.serving.registry import check_adapter_name
+from lexlora.serving.settings import ServeSettings
+
+# Hard caps on per-request generation settings: without them one request could hold the worker
+# (and so every other client) for minutes.
+MAX_NEW_TOKENS = 512
+MAX_BEAMS = 8
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(min_length=1, max_length=128, description="name of a loaded adapter")
+    inputs: list[str | dict[str, str]] = Field(
+        description="one output per input: a string fills the adapter's single input field; a record "
+        "(object of strings) gives each of its input_fields",
+        examples=[["backup_config.json"]],
+    )
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="default: the adapter's")
+    num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS, description="default: the adapter's")
+
+
+class GenerateResponse(BaseModel):
+    outputs: list[str]
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="an adapter dir directly under the server's adapters dir")
+
+
+class AdapterInfo(BaseModel):
+    # Extra keys pass through: this mirrors LoadedAdapter.describe(), which may grow.
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    path: str
+    base: str | None = None
+    rank: int | None = None
+    input_fields: list[str]
+    input_template: str
+    target_field: str
+    fusion_mode: str | None = None
+    file_bytes: int
+    memory_bytes: int
+    metrics: dict[str, Any] = {}
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+    adapters: int = Field(description="adapters still loaded")
+
+
+class SkippedAdapter(BaseModel):
+    name: str = Field(description="its dir name under the adapters dir")
+    reason: str = Field(description="why it did not load")
+
+
+class Health(BaseModel):
+    status: str
+    adapters: int
+    pending: int = Field(description="requests queued for the next batch")
+    batches: int = Field(description="model calls made (each may mix adapters)")
+    rows: int = Field(description="inputs generated")
+    mixed_batches: int = Field(description="model calls that mixed two or more adapters")
+    skipped: list[SkippedAdapter] = Field(
+        default=[],
+        description="adapter dirs that failed to load at startup (lexlora serve --skip-invalid) and are still not loaded",
+    )
+
+
+class Error(BaseModel):
+    detail: str
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """An endpoint's error statuses for the OpenAPI schema; each one's body is an `Error`."""
+    return {code: {"model": Error} for code in codes}
+
+
+def check_inputs(inputs: Sequence[Any], settings: ServeSettings) -> None:
+    """Size limits and text validity, before anything is queued: 422 for an empty list or text that
+    is not valid Unicode, 413 for too much."""
+    if not inputs:
+        raise RequestError("inputs is empty; give at least one input", 422)
+    if len(inputs) > settings.max_inputs:
+        raise RequestError(f"{len(inputs)} inputs; at most {settings.max_inputs} per request", 413)
+    for index, item in enumerate(inputs):
+        texts = [item] if isinstance(item, str) else [*item.keys(), *item.values()]
+        longest = max(map(len, texts), default=0)
+        if longest > settings.max_input_chars:
+            raise RequestError(
+                f"input {index}: {longest} characters; at most {settings.max_input_chars} per string", 413
+            )
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON allows "\ud800"; tokenizers reject it
+                raise RequestError(f"input {index}: not valid text (an unpaired surrogate such as \\ud800)", 422) from None
+
+
+def parse_generate_request(
+    body: bytes | str | Any, settings: ServeSettings, content_type: str | None = None
+) -> GenerateRequest:
+    """A /generate body (raw bytes or text, or already-decoded JSON) -> a checked `GenerateRequest`,
+    or a `RequestError` saying what is wrong: 422 malformed, 413 too large. Nothing else escapes,
+    whatever the input (tests/test_properties.py). Whether the adapter is loaded is the caller's
+    question (404). A body declared as something other than JSON is refused, as FastAPI does (it
+    also keeps browsers' cross-site form posts out)."""
+    if content_type is not None and "json" not in content_type.lower():
+        raise RequestError(
+            f"the body is declared as {content_type.split(';')[0].strip() or 'nothing'}; "
+            "send the body as JSON with Content-Type: application/json", 422
+        )
+    if isinstance(body, (bytes, bytearray, str)):
+        if isinstance(body, (bytes, bytearray)) and len(body) > settings.max_body_bytes:
+            raise RequestError(f"request body of {len(body)} bytes; at most {settings.max_body_bytes}", 413)
+        if not body.strip():
+            raise RequestError(
+                'the request body is empty; send a JSON object such as {"adapter": "name", "inputs": ["text"]}', 422
+            )
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise RequestError(f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", 422) from None
+        except UnicodeDecodeError:
+            raise RequestError("the body is not valid JSON: it is not UTF-8 text", 422) from None
+        except RecursionError:
+            raise RequestError("the body is not valid JSON: nested too deeply", 422) from None
+        except ValueError as exc:  # an integer of more than 4300 digits
+            raise RequestError(f"the body is not valid JSON: {exc}", 422) from None
+    else:
+        data = body
+    if not isinstance(data, dict):
+        raise RequestError(
+            f'the body must be a JSON object such as {{"adapter": "name", "inputs": ["text"]}}, got {_json_type(data)}',
+            422,
+        )
+    try:
+        request = GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(validation_message(exc.errors()), 422) from None
+    except RecursionError:
+        raise RequestError("the body is nested too deeply", 422) from None
+    try:
+        check_adapter_name(request.adapter)
+    except AdapterError as exc:
+        raise RequestError(f"adapter: {exc}", 422) from None
+    check_inputs(request.inputs, settings)
+    return request
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def resolve_adapter_dir(adapters_dir: Path, name: str) -> Path:
+    """The dir `name` directly under `adapters_dir`, or 400: a client names adapters, never paths."""
+    try:
+        check_adapter_name(name)
+    except AdapterError as exc:
+        raise HTTPException(400, str(exc)) from None
+    root = adapters_dir.resolve()
+    path = (root / name).resolve()  # follows symlinks: a link pointing elsewhere is refused below
+    if path.parent != root:
+        raise HTTPException(400, f"adapter {name!r} is not a dir directly under the adapters dir")
+    return path
+
+
+def validation_message(errors: Sequence[Any], limit: int = 5) -> str:
+    """pydantic's error list as one line for a client: where each of the first `limit` is, and why."""
+    parts = []
+    for error in errors[:limit]:
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        reason = (error.get("ctx") or {}).get("error")  # e.g. what is wrong with the JSON
+        parts.append(f"{where}: {error.get('msg')}" + (f" ({reason})" if isinstance(reason, str) else ""))
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
+    return "; ".join(parts) or "invalid request"
+
