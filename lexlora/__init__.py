@@ -1,7 +1,5 @@
 """lexlora: LoRA adapters with a lexical fusion projection for seq2seq models."""
 
-__version__ = "0.1.0"
-
 from lexlora.errors import (
     AdapterError,
     ConfigError,
@@ -9,6 +7,7 @@ from lexlora.errors import (
     LexloraError,
     ModelLoadError,
 )
+from lexlora.version import __version__
 
 __all__ = [
     "__version__",

@@ -27,7 +27,6 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import lexlora
 from lexlora.adapters.card import model_card
 from lexlora.adapters.fingerprint import check_fingerprint, fingerprint
 from lexlora.adapters.format import (
@@ -52,6 +51,7 @@ from lexlora.fileio import _reason, _umask, file_sha256, make_staging_dir
 from lexlora.model.fusion import FUSION_PREFIX
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.model.lora_model import LexLoraModel
+from lexlora.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: Adapter
     meta = AdapterMetadata.from_dict({
         **sections,
         "format_version": FORMAT_VERSION,
-        "lexlora_version": lexlora.__version__,
+        "lexlora_version": __version__,
         "adapter": model.spec.to_dict(),
         "weights": vars(WeightsRecord(
             file=WEIGHTS_NAME, sha256=file_sha256(weights), dtype=save_dtype,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lexlora.adapters.format import PEFT_PREFIX
 from lexlora.config import ModelConfig
 from lexlora.errors import AdapterError
 from lexlora.model.families import ENCODER_DECODER_TYPE, is_warm_start
@@ -72,7 +73,7 @@ def _logical_shape(modules: dict[str, nn.Module], name: str, param: torch.Tensor
 
 
 def _base_parameter_name(name: str) -> str:
-    name = name.removeprefix("base_model.model.")
+    name = name.removeprefix(PEFT_PREFIX)
     return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 

@@ -36,6 +36,11 @@ def matches_target(module_path: str, target: str) -> bool:
     return module_path == target or module_path.endswith(f".{target}")
 
 
+def saved_module_matches(module_path: str, target: str) -> bool:
+    """PEFT's rule for modules_to_save: a plain suffix match of the module path (no dot boundary)."""
+    return module_path.endswith(target)
+
+
 def targeted(module_path: str, targets: Any) -> bool:
     """Whether PEFT's target_modules select `module_path`: a string is a regex over the whole path
     (or "all-linear"), a list is names matched by `matches_target`."""
@@ -84,6 +89,7 @@ class AdapterMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept
+    section_extra: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # likewise, in typed sections
 
     @property
     def max_source_length(self) -> int:
@@ -98,10 +104,10 @@ class AdapterMetadata:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "section_extra"):
                 continue
             value = getattr(self, f.name)
-            out[f.name] = dict(vars(value)) if f.name in _TYPED else value
+            out[f.name] = {**self.section_extra.get(f.name, {}), **vars(value)} if f.name in _TYPED else value
         out.update(self.extra)
         return out
 
@@ -126,14 +132,18 @@ class AdapterMetadata:
         for key in ("base", "adapter", "weights"):
             if not isinstance(raw.get(key), dict):
                 raise AdapterError(f"{source}: key {key!r} is missing or not an object")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values: dict[str, Any] = {"extra": {k: v for k, v in raw.items() if k not in known}}
+        known = {f.name for f in fields(cls)} - {"extra", "section_extra"}
+        values: dict[str, Any] = {"extra": {k: v for k, v in raw.items() if k not in known}, "section_extra": {}}
         for f in fields(cls):
-            if f.name not in raw or f.name == "extra":
+            if f.name not in raw or f.name in ("extra", "section_extra"):
                 continue
             value = raw[f.name]
             if f.name in _TYPED:
                 values[f.name] = _typed_section(_TYPED[f.name], value, f"{source}: {f.name!r}")
+                names = {g.name for g in fields(_TYPED[f.name])}
+                unknown = {k: v for k, v in value.items() if k not in names} if isinstance(value, dict) else {}
+                if unknown:
+                    values["section_extra"][f.name] = unknown
             elif f.name in ("samples",):
                 values[f.name] = value if isinstance(value, list) else []
             elif f.name in ("format_version", "lexlora_version"):

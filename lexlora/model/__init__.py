@@ -1,8 +1,6 @@
 """The model: families (LoRA targets, fp16 rules, warm starts), base loading (+ 8/4-bit), the fusion
 projection, fast ops, and the LoRA + fusion model."""
 
-from typing import TYPE_CHECKING
-
 from lexlora._exports import lazy_exports
 
 _EXPORTS = {
@@ -15,18 +13,3 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from lexlora.model.families import (  # noqa: F401
-        default_modules_to_save,
-        default_target_modules,
-        parse_encoder_decoder,
-    )
-    from lexlora.model.fast_ops import use_fast_ops  # noqa: F401
-    from lexlora.model.fusion import LexicalFusion, encoder_input_width, fuse  # noqa: F401
-    from lexlora.model.loading import load_base_model, load_tokenizer  # noqa: F401
-    from lexlora.model.lora_model import (  # noqa: F401
-        LexLoraModel,
-        build_lora_config,
-        disable_gradient_checkpointing,
-        enable_gradient_checkpointing,
-    )

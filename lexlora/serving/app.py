@@ -26,7 +26,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-import lexlora
 from lexlora.errors import AdapterError, DataError, LexloraError, RequestError
 from lexlora.serving.batcher import Batcher, Job, ShuttingDown
 from lexlora.serving.limits import BodyLimits
@@ -46,6 +45,7 @@ from lexlora.serving.schemas import (
     validation_message,
 )
 from lexlora.serving.settings import ServeSettings
+from lexlora.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def create_app(
 
     app = FastAPI(
         title="lexlora",
-        version=lexlora.__version__,
+        version=__version__,
         description="Generate with LoRA + lexical fusion adapters sharing one frozen base; "
         "concurrent requests for different adapters run as one mixed-adapter batch.",
         lifespan=lifespan,

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from torch import nn
 
+from lexlora.adapters.format import PEFT_PREFIX, saved_module_matches
 from lexlora.errors import AdapterError
 
-PEFT_PREFIX = "base_model.model."
 # LoraConfig fields whose non-default values this path cannot reproduce.
 UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -139,9 +139,9 @@ class LoraWeights:
 
 
 def _under_saved_root(module_path: str, roots: Sequence[str]) -> bool:
-    """Whether a module path lies inside a module matched by modules_to_save (PEFT matches by suffix)."""
+    """Whether a module path lies inside a module matched by modules_to_save."""
     parts = module_path.split(".")
-    return any(".".join(parts[:i]).endswith(root) for root in roots for i in range(1, len(parts) + 1))
+    return any(saved_module_matches(".".join(parts[:i]), root) for root in roots for i in range(1, len(parts) + 1))
 
 
 def _module_weights(path: str, params: dict[str, torch.Tensor], module: nn.Module | None, source: str,
