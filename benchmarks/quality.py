@@ -67,7 +67,6 @@ def load_cfg(args, arm: str):
 
 def run_lora_arm(args, arm: str) -> dict:
     from lexlora.adapters.files import load_adapter
-    from lexlora.data.embeddings import LexicalEncoder
     from lexlora.evaluation.metrics import score
     from lexlora.evaluation.runner import eval_rows
     from lexlora.training.recipe import train
@@ -76,8 +75,6 @@ def run_lora_arm(args, arm: str) -> dict:
     result = train(cfg)
     metrics = result.metrics
     model = load_adapter(result.output_dir)
-    if model.spec.fusion_enabled:
-        model.lexical_encoder = LexicalEncoder(model.spec.embedding_model, cfg.fusion.cache_dir)
     rows = eval_rows(result.output_dir, "test", max_rows=args.max_test_rows)
     started = time.perf_counter()
     predictions = model.generate_text(

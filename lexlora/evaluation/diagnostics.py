@@ -22,12 +22,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from lexlora.config import FusionConfig
 from lexlora.data.records import read_records
 from lexlora.errors import ConfigError, DataError
 
 Encode = Callable[[list[str]], torch.Tensor]
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # FusionConfig's default
+DEFAULT_MODEL = FusionConfig.embedding_model
 
 MIN_TEXTS = 5
 MAX_LEGEND_CLASSES = 10
@@ -334,17 +335,17 @@ def adapter_settings(adapter_dir: str | Path) -> dict[str, str]:
     from lexlora.adapters.format import read_metadata
 
     meta = read_metadata(adapter_dir)
-    adapter = meta["adapter"]
+    adapter = meta.adapter
     if not adapter.get("fusion_mode"):
         raise ConfigError(
             f"{adapter_dir}: this adapter has no lexical fusion, so there are no lexical embeddings to "
             "diagnose; use --data FILE --field NAME instead"
         )
     return {
-        "data": str((meta.get("dataset") or {}).get("path") or ""),
+        "data": str(meta.dataset.path or ""),
         "field": adapter.get("lexical_field") or "",
         "model": adapter.get("embedding_model") or DEFAULT_MODEL,
-        "format": (meta.get("data") or {}).get("format") or "auto",
+        "format": meta.data.get("format") or "auto",
     }
 
 
