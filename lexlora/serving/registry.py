@@ -38,7 +38,8 @@ from lexlora.model.generation import GenerationPipeline, RowPlan, check_input_li
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.serving.routing import LoraRouter, LoraWeights
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_ADAPTER_NAME = 128  # characters; names appear in URLs
+ADAPTER_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ADAPTER_NAME - 1}}}$")
 
 
 @dataclass
@@ -338,5 +339,5 @@ def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
         raise AdapterError(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
-            "(starting with a letter or digit, at most 128 characters, no '..')"
+            f"(starting with a letter or digit, at most {MAX_ADAPTER_NAME} characters, no '..')"
         )

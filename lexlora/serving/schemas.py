@@ -16,7 +16,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lexlora.errors import AdapterError, RequestError
-from lexlora.serving.registry import check_adapter_name
+from lexlora.serving.registry import MAX_ADAPTER_NAME, check_adapter_name
 from lexlora.serving.settings import ServeSettings
 
 # Hard caps on per-request generation settings: without them one request could hold the worker
@@ -28,7 +28,7 @@ MAX_BEAMS = 8
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str = Field(min_length=1, max_length=128, description="name of a loaded adapter")
+    adapter: str = Field(min_length=1, max_length=MAX_ADAPTER_NAME, description="name of a loaded adapter")
     inputs: list[str | dict[str, str]] = Field(
         description="one output per input: a string fills the adapter's single input field; a record "
         "(object of strings) gives each of its input_fields",
