@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lexlora.errors import ModelLoadError
+from lexlora.fileio import staging_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class EmbeddingCache:
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".safetensors")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=staging_prefix(self.dir / name), suffix=".safetensors")
         os.close(fd)
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)

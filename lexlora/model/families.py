@@ -123,6 +123,19 @@ def base_config(name_or_path: str):
         raise ModelLoadError(f"could not load the config of {name_or_path!r} ({exc})") from None
 
 
+def refuse_fp16(name_or_path: str) -> None:
+    """A ConfigError for train.mixed_precision=fp16 on a T5-family base, or on a warm start with a
+    T5-family half (read from the configs alone: the check comes before any model work)."""
+    config = base_config(name_or_path)
+    families = {config.model_type, *(_encoder_decoder_types(config) or ())}
+    unsafe = sorted(families & FP16_UNSAFE)
+    if unsafe:
+        raise ConfigError(
+            f"train.mixed_precision=fp16 is refused for {unsafe[0]}: T5-family models overflow to inf/NaN "
+            "in fp16 (they were trained in bf16). Use bf16 (GPUs since Ampere) or no."
+        )
+
+
 def _encoder_decoder_types(config) -> tuple[str, str] | None:
     if config is None or not hasattr(config, "encoder") or not hasattr(config, "decoder"):
         return None

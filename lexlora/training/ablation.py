@@ -12,14 +12,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from lexlora.config import FUSION_MODES, Config, load_config
 from lexlora.errors import ConfigError
+from lexlora.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +136,7 @@ def _write_results(out_dir: Path, rows: list[dict[str, Any]], config_path, split
         "",
     ])
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / RESULTS_NAME, json.dumps({"config": str(config_path), "grid": list(grid),
-                                                      "overrides": list(overrides), "split": split,
-                                                      "rows": rows}, indent=2, default=str) + "\n")
-    return _atomic_write(out_dir / TABLE_NAME, text)
+    results = {"config": str(config_path), "grid": list(grid), "overrides": list(overrides), "split": split, "rows": rows}
+    atomic_write_text(out_dir / RESULTS_NAME, json.dumps(results, indent=2, default=str) + "\n")
+    return atomic_write_text(out_dir / TABLE_NAME, text)
 
-
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path

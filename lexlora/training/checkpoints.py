@@ -14,7 +14,7 @@ with 1 epoch completed.
     metrics.jsonl              the training log so far
     lexlora_state.json         the loop's counters and the run's resolved config; written last
 
-Every process writes into `.tmp-<name>`; the main process renames it to `<name>` once all have
+Every process writes into `.tmp-<name>` (`lexlora.fileio.shared_staging`); the main process renames it to `<name>` once all have
 finished, so a kill during a save never leaves a checkpoint that looks complete (a leftover `.tmp-`
 dir is ignored by resume and removed by the next save). The newest `train.keep_checkpoints` are
 kept. A run that publishes its adapter removes its checkpoints: they cannot be resumed to a
@@ -48,16 +48,15 @@ from safetensors.torch import load_file, save_file
 
 from lexlora.config import Config, config_to_dict
 from lexlora.errors import ConfigError, LexloraError
-from lexlora.fileio import file_sha256
+from lexlora.fileio import file_sha256, is_shared_staging, shared_staging, unstaged_name
+from lexlora.training.tracking import LOG_NAME, dotted_keys
 
 logger = logging.getLogger(__name__)
 
 
 STATE_NAME = "lexlora_state.json"
 BEST_NAME = "best.safetensors"
-LOG_NAME = "metrics.jsonl"
 NAME = re.compile(r"^step(\d+)-epoch(\d+)$")
-TMP_PREFIX = ".tmp-"
 
 # Settings a resumed run may change: where things go, how often it logs or saves, how many threads
 # or workers feed it, and the dtype the adapter is stored in at the end. Anything else changes what
@@ -120,18 +119,9 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
-
-
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every setting that matters to the trained weights."""
-    old, new = _flat(saved), _flat(current)
+    old, new = dotted_keys(saved), dotted_keys(current)
     keys = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
     return [f"{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now" for key in keys]
 
@@ -238,7 +228,8 @@ class Checkpoints:
     def save(self, loop: LoopState, extra: dict[str, Any], best: dict[str, torch.Tensor] | None, log: Path | None) -> Path:
         accelerator, main = self.accelerator, self.accelerator.is_main_process
         name = checkpoint_name(loop.step, loop.epoch)
-        final, tmp = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
+        final = self.directory / name
+        tmp = shared_staging(final)  # every process writes into it: no random part
         if (final / STATE_NAME).is_file():  # the same position of a deterministic run: already saved
             return final
         if main:
@@ -285,8 +276,9 @@ class Checkpoints:
     # ---- housekeeping --------------------------------------------------------------------------
     def _remove_tmp(self) -> None:
         if self.directory.is_dir():
-            for path in self.directory.glob(f"{TMP_PREFIX}step*"):
-                shutil.rmtree(path, ignore_errors=True)
+            for path in self.directory.iterdir():
+                if is_shared_staging(path) and NAME.match(unstaged_name(path)):
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _prune(self) -> None:
         for path in list_checkpoints(self.directory)[: -self.keep]:
@@ -296,7 +288,7 @@ class Checkpoints:
         """After the adapter is published: the run's checkpoints (and the dir, if nothing else is there)."""
         if self.accelerator.is_main_process and self.directory.is_dir():
             for path in self.directory.iterdir():
-                if NAME.match(path.name.removeprefix(TMP_PREFIX)):
+                if NAME.match(unstaged_name(path)):
                     shutil.rmtree(path, ignore_errors=True)
             try:
                 self.directory.rmdir()

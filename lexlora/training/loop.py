@@ -15,13 +15,15 @@ from tqdm.auto import tqdm
 
 from lexlora.config import Config
 from lexlora.errors import LexloraError
+from lexlora.fileio import is_staging_of
 from lexlora.model.lora_model import LexLoraModel
 from lexlora.training.checkpoints import (
-    LOG_NAME,
+    Checkpoints,
     LoopState,
     StopSignals,
     TrainingInterrupted,
 )
+from lexlora.training.tracking import LOG_NAME
 
 
 class NonFiniteLossError(LexloraError):
@@ -68,8 +70,11 @@ class TrainingRun:
     (LoopState), the best epoch so far (the Evaluator's), the last weights verified finite, and when
     to save a checkpoint or stop."""
 
-    def __init__(self, cfg, accelerator, model, optimizer, scheduler, loader, generator, evaluator,
-                 total_steps, log, checkpoints, staging):
+    def __init__(self, cfg: Config, accelerator, *, model, optimizer, scheduler, loader, generator: torch.Generator,
+                 evaluator, total_steps: int, log, checkpoints: Checkpoints, staging: Path | None):
+        """`model`, `optimizer`, `scheduler` and `loader` as Accelerate prepared them; `generator`
+        draws the loader's shuffles; `evaluator` is None without a validation split; `log` is the
+        run's MetricsLog; `staging` the adapter's staging dir (None on the other processes)."""
         self.cfg, self.accelerator, self.model = cfg, accelerator, model
         self.unwrapped: LexLoraModel = accelerator.unwrap_model(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -244,7 +249,7 @@ class TrainingRun:
             self.evaluator.best_state = best
         if self.staging is not None:
             if (path / LOG_NAME).is_file():
-                shutil.copyfile(path / LOG_NAME, self.staging / "metrics.jsonl")
+                shutil.copyfile(path / LOG_NAME, self.staging / LOG_NAME)
             self._remove_old_staging(saved.get("staging"))
         self.verify()  # the restored weights are the last good ones
         self.log.write(resumed_from=str(path), step=state.step, epoch=state.epoch)
@@ -255,10 +260,8 @@ class TrainingRun:
 
     def _remove_old_staging(self, old: str | None) -> None:
         # The staging dir of a killed run (a SIGKILL leaves it behind): its log is in the checkpoint.
-        if old and old != str(self.staging):
-            path = Path(old)
-            if path.parent == self.staging.parent and path.name.startswith(f".{Path(self.cfg.output_dir).name}.tmp-"):
-                shutil.rmtree(path, ignore_errors=True)
+        if old and old != str(self.staging) and is_staging_of(old, self.staging.parent / Path(self.cfg.output_dir).name):
+            shutil.rmtree(old, ignore_errors=True)
 
     def interrupt(self, signum: int, path: Path) -> None:
         state = self.state

@@ -1,4 +1,5 @@
-"""Experiment trackers through Accelerate (train.report_to): which, where, and the config they log."""
+"""Where a run's figures go: its own log (metrics.jsonl, `MetricsLog`) and the experiment trackers
+through Accelerate (train.report_to): which, where, and the config they log."""
 
 from __future__ import annotations
 
@@ -12,6 +13,20 @@ from lexlora.config import Config, config_to_dict
 from lexlora.errors import ConfigError
 
 TRACKER_AVAILABLE = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+LOG_NAME = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only the main process writes (`path` None elsewhere)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
 
 
 def resolve_trackers(cfg: Config) -> list[str]:
@@ -32,18 +47,21 @@ def tracker_dir(cfg: Config) -> Path:
     return Path(cfg.train.logging_dir or Path("runs") / Path(cfg.output_dir).name)
 
 
+def dotted_keys(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys ({"train": {"seed": 1}} -> {"train.seed": 1});
+    the leaves (an empty dict included) are kept as they are."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(dotted_keys(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
 def flat_config(cfg: Config) -> dict[str, Any]:
-    """The resolved config as dotted keys with scalar values (all TensorBoard's hparams accept)."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        elif isinstance(value, (bool, int, float, str)):
-            flat[prefix] = value
-        else:  # None, lists, empty dicts
-            flat[prefix] = json.dumps(value)
-
-    walk("", config_to_dict(cfg))
-    return flat
+    """The resolved config as dotted keys with scalar values (all TensorBoard's hparams accept):
+    None, lists and empty dicts as JSON text."""
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for key, value in dotted_keys(config_to_dict(cfg)).items()
+    }

@@ -110,23 +110,20 @@ def test_fp16_is_refused_for_t5(tmp_path, stdlib_data):
 MINILM_WARM_START = "encoder-decoder:sentence-transformers/all-MiniLM-L6-v2"
 
 
-def test_fp16_with_a_warm_start_checks_its_halves_without_crashing_in_transformers(tmp_path):
+def test_fp16_with_a_warm_start_is_judged_by_its_halves_not_a_crash_in_transformers(tmp_path, stdlib_data):
     from lexlora.config import ModelConfig
+    from lexlora.model.families import refuse_fp16
 
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"filename": "a", "description": "b"}\n{"filename": "a"}\n')
-    config = tiny_train_config(tmp_path, data)
+    config = tiny_train_config(tmp_path, stdlib_data)
     config.train.mixed_precision = "fp16"
-    config.model = ModelConfig(name_or_path=MINILM_WARM_START, random_init=True)
-    # BERT halves are not refused in fp16: the run goes on, to the bad data's error.
-    with pytest.raises(DataError, match=r"d\.jsonl line 2: field 'description' is missing"):
-        train(config)
     config.model = ModelConfig(name_or_path="encoder-decoder:google/flan-t5-small", random_init=True)
     with pytest.raises(ConfigError, match="refused for t5: T5-family models overflow"):
         train(config)
     config.model = ModelConfig(name_or_path=f"encoder-decoder:{tmp_path / 'missing'}", random_init=True)
     with pytest.raises(ModelLoadError, match=r"could not load the config of 'encoder-decoder:.*missing'"):
         train(config)
+    assert not (tmp_path / "adapter").exists()
+    refuse_fp16(MINILM_WARM_START)  # BERT halves are fine in fp16: not refused
 
 
 def test_existing_output_dir_is_refused(tmp_path, stdlib_data):
@@ -137,7 +134,7 @@ def test_existing_output_dir_is_refused(tmp_path, stdlib_data):
 
 
 def test_cpu_threads_default_to_the_usable_cores():
-    from lexlora.training.recipe import set_cpu_threads
+    from lexlora.training.launch import set_cpu_threads
 
     import os
 
@@ -396,7 +393,7 @@ def _indexed_split(n=96, seed=0):
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_train_loader_visits_every_example_once_per_epoch_in_an_order_fixed_by_the_seed(tmp_path, grouped):
-    from lexlora.training.recipe import train_data_loader
+    from lexlora.training.loaders import train_data_loader
 
     config = tiny_train_config(tmp_path, tmp_path / "unused.jsonl")
     config.train.group_by_length, config.train.batch_size = grouped, 8
@@ -410,7 +407,7 @@ def test_train_loader_visits_every_example_once_per_epoch_in_an_order_fixed_by_t
 
 
 def test_length_grouped_batches_pad_fewer_tokens_than_random_ones(tmp_path):
-    from lexlora.training.recipe import train_data_loader
+    from lexlora.training.loaders import train_data_loader
 
     config = tiny_train_config(tmp_path, tmp_path / "unused.jsonl")
     config.train.batch_size = 8
@@ -430,7 +427,7 @@ def test_length_grouped_batches_pad_fewer_tokens_than_random_ones(tmp_path):
 @pytest.mark.parametrize("fused", [True, False])
 def test_adamw_is_fused_when_asked_and_steps_the_same_as_the_loop(fused):
     from lexlora.config import TrainConfig
-    from lexlora.training.recipe import make_optimizer
+    from lexlora.training.optimizer import make_optimizer
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]

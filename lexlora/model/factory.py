@@ -1,0 +1,72 @@
+"""The one place a fresh LoRA + fusion model is put together: PEFT's LoraConfig for the base's
+family, `LexLoraModel.create`, and gradient checkpointing when asked. Training builds its model
+here (`model_for_run`: the spec from the config and the prepared data); benchmarks and tests
+build theirs with `build_model` from explicit parts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lexlora.config import Config, GenerationSettings, LoraSettings
+from lexlora.data.spec import AdapterSpec
+from lexlora.model.lora_model import (
+    LexLoraModel,
+    build_lora_config,
+    enable_gradient_checkpointing,
+)
+
+if TYPE_CHECKING:
+    from lexlora.data.embeddings import LexicalEncoder
+    from lexlora.data.prepare import PreparedData
+
+
+def build_model(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: AdapterSpec,
+    lora: LoraSettings,
+    *,
+    base_id: str,
+    encoder: "LexicalEncoder | None" = None,
+    gradient_checkpointing: bool = False,
+    generation: GenerationSettings | None = None,
+    max_source_length: int | None = None,
+) -> LexLoraModel:
+    """A fresh adapter on `base` (computing exactly what the base computes until trained): LoRA from
+    `lora` on the family's default targets unless lora.target_modules says otherwise, the fusion
+    projection `spec` asks for, and `encoder` to embed raw inputs for fusion at generation
+    (`generation` and `max_source_length`: generate_text's defaults). `base_id` is the base's
+    model.name_or_path (recorded in adapter_config.json). LoRA's initial weights are drawn from
+    torch's global RNG: seed it first for a reproducible model."""
+    lora_config = build_lora_config(lora, base.config.model_type, base_id, base.config)
+    model = LexLoraModel.create(
+        base, tokenizer, lora_config, spec, encoder=encoder, generation=generation, max_source_length=max_source_length
+    )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def run_spec(cfg: Config, data: "PreparedData") -> AdapterSpec:
+    """The adapter spec of a training run: the prompt and fields from data.*, fusion from fusion.*,
+    the lexical field and embedding width from the prepared data."""
+    return AdapterSpec(
+        input_template=cfg.data.input_template,
+        target_field=cfg.data.target_field,
+        lexical_field=data.lexical_field,
+        fusion_mode=cfg.fusion.mode if cfg.fusion.enabled else None,
+        embedding_model=cfg.fusion.embedding_model if cfg.fusion.enabled else None,
+        embedding_dim=data.embedding_dim,
+    )
+
+
+def model_for_run(cfg: Config, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: "PreparedData") -> LexLoraModel:
+    """`build_model` as a training run configures it (lora.*, train.gradient_checkpointing, the
+    run's lexical encoder, generation.* and data.max_source_length)."""
+    return build_model(
+        base, tokenizer, run_spec(cfg, data), cfg.lora,
+        base_id=cfg.model.name_or_path, encoder=data.encoder, gradient_checkpointing=cfg.train.gradient_checkpointing,
+        generation=cfg.generation, max_source_length=cfg.data.max_source_length,
+    )
