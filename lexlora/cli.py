@@ -141,7 +141,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="one of the adapter's data.splits, or 'all' (default: test)")
     parser.add_argument("--data", help="data file (default: the one the adapter was trained on)")
     parser.add_argument("--out", help="report dir (default: ADAPTER/eval/SPLIT)")
-    parser.add_argument("--task", choices=("auto", "text", "labels"), default="auto",
+    from lexlora.config import TASKS  # light: no torch
+
+    parser.add_argument("--task", choices=TASKS, default="auto",
                         help="text: ROUGE; labels: accuracy/F1 (default: as trained, else detected)")
     parser.add_argument("--max-rows", type=_positive_int, help="first N rows of the split only")
     parser.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
@@ -272,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")
     abl.add_argument("--split", default="validation", help="split scored for every run (default: validation)")
     abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
-    abl.add_argument("--task", choices=("auto", "text", "labels"), default="auto")
+    from lexlora.config import TASKS  # light: no torch
+
+    abl.add_argument("--task", choices=TASKS, default="auto")
     abl.set_defaults(func=run_ablate)
 
     from lexlora.serving.settings import ServeSettings  # light (no fastapi); its defaults are the options'

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from lexlora.config import DUPLICATE_IDS
 from lexlora.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_PROBLEMS = 10
 DEFAULT_ID_FIELD = "id"
-DUPLICATE_ID_POLICIES = ("warn", "drop", "refuse", "ignore")
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ def read_records(
     the target must not be blank). Invalid records raise `DataError` naming file, line and field,
     or with `skip_invalid` are skipped and counted in a warning. Rows repeating an earlier id
     (`id_field`, default `id` when present) are handled by `on_duplicate_id` (see the module doc)."""
-    if on_duplicate_id not in DUPLICATE_ID_POLICIES:
-        raise ConfigError(f"data.on_duplicate_id must be one of {', '.join(DUPLICATE_ID_POLICIES)}; got {on_duplicate_id!r}")
+    if on_duplicate_id not in DUPLICATE_IDS:
+        raise ConfigError(f"data.on_duplicate_id must be one of {', '.join(DUPLICATE_IDS)}; got {on_duplicate_id!r}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from lexlora.config import SCORED_TASKS
 from lexlora.errors import ConfigError, DataError
 
 TEXT_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-TASKS = ("text", "labels")
 OTHER_LABEL = "(other)"
 
 # "min" where lower is better; any name not listed is "max", except names ending in "loss".
@@ -196,8 +196,8 @@ def score(task: str, predictions: Sequence[str], references: Sequence[str], bleu
     predictions, references = _check_pairs(predictions, references)
     if task == "auto":
         task = detect_task(references)
-    if task not in TASKS:
-        raise ConfigError(f"unknown evaluation task {task!r}: expected one of {', '.join(TASKS)} or auto")
+    if task not in SCORED_TASKS:
+        raise ConfigError(f"unknown evaluation task {task!r}: expected one of {', '.join(SCORED_TASKS)} or auto")
     if task == "text":
         figures = text_metrics(predictions, references, bleu=bleu)
     else:

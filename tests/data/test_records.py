@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lexlora.data.records import read_records
-from lexlora.errors import DataError
+from lexlora.errors import ConfigError, DataError
 
 FIELDS = ["filename", "file_desc"]
 
@@ -204,5 +204,5 @@ def test_duplicate_ids_drop_refuse_ignore_and_a_chosen_id_field(tmp_path, caplog
         read_records(twice, FIELDS, "file_desc", id_field="filename", on_duplicate_id="refuse")
     with pytest.raises(DataError, match=r"data.id_field='uid', but no record has that field"):
         read_records(twice, FIELDS, "file_desc", id_field="uid")
-    with pytest.raises(Exception, match="data.on_duplicate_id must be one of"):
+    with pytest.raises(ConfigError, match="data.on_duplicate_id must be one of warn, drop, refuse, ignore; got 'sometimes'"):
         read_records(twice, FIELDS, "file_desc", on_duplicate_id="sometimes")
