@@ -113,9 +113,12 @@ def run_eval(args: argparse.Namespace) -> int:
     result, out = run_evaluation(
         args.adapter, split=args.split, data_path=args.data, out_dir=args.out, task=args.task,
         max_rows=args.max_rows, with_base=not args.no_base, bleu=args.bleu, base=args.base, device=args.device,
-        batch_size=args.batch_size, **generation,
+        batch_size=args.batch_size, allow_data_change=args.allow_data_change, **generation,
     )
     print(f"{result.adapter}: {result.count} rows of {result.data_path} [{result.split}], task {result.task}")
+    note = result.data_check.note(result.data_path) if result.data_check else None
+    if note:
+        print(f"  data: {note}")
     for row in result.table():
         gain = "" if row["gain"] is None else f"  gain {row['gain']:+.4f}"
         base = "" if row["base"] is None else f"  base {row['base']:.4f}"
@@ -140,6 +143,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory")
     parser.add_argument("--split", default="test", help="one of the adapter's data.splits, or 'all' (default: test)")
     parser.add_argument("--data", help="data file (default: the one the adapter was trained on)")
+    parser.add_argument(
+        "--allow-data-change", action="store_true",
+        help="score the training data file even if it changed since training (its sha256 differs from the "
+             "one in lexlora.json); the report says so",
+    )
     parser.add_argument("--out", help="report dir (default: ADAPTER/eval/SPLIT)")
     from lexlora.config import TASKS  # light: no torch
 

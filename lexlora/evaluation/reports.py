@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lexlora.adapters.files import publish
-from lexlora.evaluation.runner import EvalResult, qualitative_rows
+from lexlora.evaluation.results import EvalResult, qualitative_rows
 from lexlora.fileio import make_staging_dir
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 def eval_markdown(result: EvalResult, charts: Sequence[str], samples: int = 5) -> str:
     table = [{**row, "gain": None if row["gain"] is None else f"{row['gain']:+.4f}"} for row in result.table()]
+    note = result.data_check.note(result.data_path) if result.data_check else None
     parts = [
         f"# Evaluation of `{result.adapter}`",
         "",
         f"- Data: `{result.data_path}`, split `{result.split}`, {result.count} rows",
+        *([f"- **Data**: {note}"] if note else []),
         f"- Task: {result.task} ("
         + ("ROUGE F-measures, rouge_score through `evaluate`" if result.task == "text" else "exact label match")
         + ")",

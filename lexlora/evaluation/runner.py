@@ -8,53 +8,29 @@ detected from the references unless set."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lexlora.adapters.format import read_metadata
-from lexlora.config import DataConfig
+from lexlora.config import TASKS, DataConfig
 from lexlora.data.splits import load_splits
 from lexlora.errors import ConfigError, DataError
-from lexlora.evaluation.metrics import detect_task, scalar_metrics, score
+from lexlora.evaluation.metrics import detect_task, score
+from lexlora.evaluation.results import (
+    DATA_CHANGED,
+    DATA_OTHER,
+    DATA_SAME,
+    DATA_UNCHECKED,
+    DataCheck,
+    EvalResult,
+    EvalRows,
+)
+from lexlora.fileio import file_sha256
 
-TASKS = ("auto", "text", "labels")
-
-
-@dataclass
-class EvalRows:
-    records: list[dict[str, str]]
-    references: list[str]
-    lines: list[int]  # line numbers in the data file, for tracing a row back
-    data_path: str
-    split: str
-
-
-@dataclass
-class EvalResult:
-    adapter: str
-    split: str
-    data_path: str
-    task: str
-    count: int
-    adapter_scores: dict[str, Any]
-    base_scores: dict[str, Any] | None
-    rows: list[dict[str, Any]] = field(default_factory=list)  # input, reference, base, adapter
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per scalar metric: base, adapter, absolute gain (the notebook's improvement table)."""
-        adapter = scalar_metrics(self.adapter_scores)
-        base = scalar_metrics(self.base_scores) if self.base_scores else {}
-        return [
-            {"metric": name, "base": base.get(name), "adapter": value,
-             "gain": value - base[name] if name in base else None}
-            for name, value in adapter.items()
-        ]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "table": self.table()}
+logger = logging.getLogger(__name__)
 
 
 def data_config_for(adapter_dir: Path, meta: dict[str, Any]) -> DataConfig:
@@ -75,10 +51,12 @@ def eval_rows(
     split: str = "test",
     data_path: str | None = None,
     max_rows: int | None = None,
+    allow_data_change: bool = False,
 ) -> EvalRows:
     """The split's records (as the adapter's template needs them) and references.
 
-    `split` names one of the adapter's data.splits, or "all" for every row of the file."""
+    `split` names one of the adapter's data.splits, or "all" for every row of the file. The
+    training file changed since training is a DataError unless `allow_data_change` (see check_data)."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     data = data_config_for(adapter_dir, meta)
@@ -89,6 +67,7 @@ def eval_rows(
             f"data file {data.path or '(none recorded)'} not found (recorded in {adapter_dir}/lexlora.json "
             "relative to where training ran); pass --data FILE"
         )
+    data_check = check_data(adapter_dir, meta, data.path, allow_data_change)
     if split == "all":
         data.splits = {"all": "[:100%]"}
     elif split not in data.splits:
@@ -106,7 +85,46 @@ def eval_rows(
         lines=[r.line for r in records],
         data_path=data.path,
         split=split,
+        data_check=data_check,
     )
+
+
+def check_data(adapter_dir: Path, meta: dict[str, Any], data_path: str, allow_change: bool = False) -> DataCheck:
+    """Compare the file to score with the dataset hash recorded at training (lexlora.json dataset.sha256).
+
+    The recorded file with other bytes is a DataError (its splits are no longer the rows trained and
+    tested on) unless `allow_change`. Another file given with --data is the user's choice: it is
+    scored, and the report says it is not the training data. Without a recorded hash (old adapters,
+    saved dataset dirs) nothing is checked."""
+    recorded = meta.get("dataset") or {}
+    trained_path, trained_sha256 = recorded.get("path"), recorded.get("sha256")
+    sha256 = file_sha256(Path(data_path)) if Path(data_path).is_file() else None
+    if not trained_sha256 or sha256 is None:
+        status = DATA_UNCHECKED
+    elif sha256 == trained_sha256:
+        status = DATA_SAME
+    elif not _same_file(data_path, trained_path):
+        status = DATA_OTHER
+    elif allow_change:
+        status = DATA_CHANGED
+    else:
+        raise DataError(
+            f"{data_path} has changed since {adapter_dir} was trained on it: sha256 {sha256[:12]} now, "
+            f"{trained_sha256[:12]} recorded in {adapter_dir}/lexlora.json; its splits may no longer be the rows "
+            "the adapter was trained and tested on. Pass --allow-data-change to score it anyway"
+        )
+    check = DataCheck(status, sha256, trained_path, trained_sha256)
+    if status in (DATA_CHANGED, DATA_OTHER):
+        logger.warning("%s", check.note(data_path))
+    return check
+
+
+def _same_file(path: str, trained_path: str | None) -> bool:
+    """Whether `path` is the recorded training file (which is relative to where training ran)."""
+    try:
+        return bool(trained_path) and os.path.samefile(path, trained_path)
+    except OSError:  # the recorded path is not found from here
+        return False
 
 
 def evaluate_adapter(
@@ -121,7 +139,7 @@ def evaluate_adapter(
     """Generate with the adapter `name` of a LexLoRA registry (and with its base alone on the same
     prompts), then score both."""
     if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
     task = detect_task(rows.references) if task == "auto" else task
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -149,16 +167,8 @@ def evaluate_adapter(
             for i, (line, record, ref, out) in enumerate(zip(rows.lines, rows.records, rows.references, adapter_out))
         ],
         seconds=seconds,
+        data_check=rows.data_check,
     )
-
-
-def qualitative_rows(result: EvalResult, count: int = 5) -> list[dict[str, Any]]:
-    """A few rows to read: spread evenly over the split, so they are not all from its start."""
-    rows: Sequence[dict[str, Any]] = result.rows
-    if len(rows) <= count:
-        return list(rows)
-    step = len(rows) / count
-    return [rows[int(i * step)] for i in range(count)]
 
 
 def run_evaluation(
@@ -173,15 +183,18 @@ def run_evaluation(
     base: str | None = None,
     device: str | None = None,
     samples: int = 5,
+    allow_data_change: bool = False,
     **generate_kwargs: Any,
 ) -> tuple[EvalResult, Path]:
     """The whole `lexlora eval`: rows, registry on the adapter's base, generation, scores, report
-    (default: `<adapter>/eval/<split>`)."""
+    (default: `<adapter>/eval/<split>`). `allow_data_change`: score the training file even though it
+    changed since training (the report says so)."""
+    # Imported here, not at the top: both import torch, which bad input should not wait for.
     from lexlora.evaluation.reports import write_eval_report
     from lexlora.serving.registry import LexLoRA
 
     adapter_dir = Path(adapter_dir)
-    rows = eval_rows(adapter_dir, split, data_path, max_rows)  # fails fast, before any model loads
+    rows = eval_rows(adapter_dir, split, data_path, max_rows, allow_data_change)  # fails fast, before any model loads
     if task == "auto":
         task = _recorded_task(read_metadata(adapter_dir))
     registry = LexLoRA.from_pretrained(base, device=device) if base else LexLoRA.for_adapter(adapter_dir, device=device)

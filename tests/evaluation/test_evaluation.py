@@ -10,6 +10,7 @@ from lexlora.cli import main
 from lexlora.errors import ConfigError, DataError
 from lexlora.evaluation.metrics import classification_metrics, text_metrics
 from lexlora.evaluation.runner import eval_rows, run_evaluation
+from lexlora.fileio import file_sha256
 from lexlora.training.recipe import train
 from tests.conftest import tiny_train_config
 
@@ -116,3 +117,113 @@ def test_evaluate_script_entry_point(text_adapter, tmp_path, capsys):
     assert eval_main(["--adapter", str(text_adapter), "--split", "test", "--max-rows", "2",
                       "--max-new-tokens", "2", "--out", str(tmp_path / "r")]) == 0
     assert json.loads((tmp_path / "r" / "eval.json").read_text())["count"] == 2
+
+
+# ---- the data file against the one the adapter was trained on (lexlora.json dataset.sha256) ---------
+
+@pytest.fixture()
+def own_data_adapter(text_adapter, tmp_path):
+    """A copy of text_adapter recording a copy of its training file, which a test may then change."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    adapter = shutil.copytree(text_adapter, tmp_path / "adapter", ignore=shutil.ignore_patterns("eval"))
+    data = tmp_path / "data.jsonl"
+    shutil.copyfile(ROOT / "examples" / "python_stdlib.jsonl", data)
+    meta = json.loads((adapter / "lexlora.json").read_text())
+    assert meta["dataset"]["sha256"] == file_sha256(data)  # recorded at training: same bytes
+    meta["dataset"]["path"] = str(data)
+    (adapter / "lexlora.json").write_text(json.dumps(meta))
+    return adapter, data
+
+
+def change_one_description(data):
+    lines = data.read_text().splitlines(keepends=True)
+    row = json.loads(lines[44])  # the first row of the test split
+    row["description"] = "Something else entirely."
+    lines[44] = json.dumps(row) + "\n"
+    data.write_text("".join(lines))
+
+
+QUICK = {"split": "test", "max_rows": 2, "with_base": False, "max_new_tokens": 2}
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    from lexlora.serving.registry import LexLoRA
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(LexLoRA, "for_adapter", classmethod(refuse))
+    monkeypatch.setattr(LexLoRA, "from_pretrained", classmethod(refuse))
+
+
+def test_the_unchanged_training_file_is_checked_and_recorded(own_data_adapter, tmp_path):
+    adapter, data = own_data_adapter
+    result, out = run_evaluation(adapter, out_dir=tmp_path / "r", **QUICK)
+    check = json.loads((out / "eval.json").read_text())["data_check"]
+    assert check == {"status": "same", "sha256": file_sha256(data), "trained_path": str(data),
+                     "trained_sha256": file_sha256(data)}
+    assert "**Data**" not in (out / "report.md").read_text()
+
+
+def test_a_changed_training_file_stops_eval_before_any_model_loads(own_data_adapter, no_model_loads, capsys):
+    adapter, data = own_data_adapter
+    trained = file_sha256(data)
+    change_one_description(data)
+    now = file_sha256(data)
+    for given in (None, str(data)):  # the recorded file, by default or named with --data
+        with pytest.raises(DataError) as info:
+            run_evaluation(adapter, data_path=given, **QUICK)
+        message = str(info.value)
+        assert f"{data} has changed since {adapter} was trained on it" in message
+        assert f"sha256 {now[:12]} now, {trained[:12]} recorded in {adapter}/lexlora.json" in message
+        assert "--allow-data-change" in message
+    assert main(["eval", "--adapter", str(adapter), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert f"lexlora: error: {data} has changed since {adapter} was trained on it" in err and "Traceback" not in err
+
+
+def test_allow_data_change_scores_it_and_the_report_says_so(own_data_adapter, tmp_path, capsys):
+    adapter, data = own_data_adapter
+    trained = file_sha256(data)
+    change_one_description(data)
+    out = tmp_path / "r"
+    assert main(["eval", "--adapter", str(adapter), "--split", "test", "--max-rows", "2", "--no-base",
+                 "--max-new-tokens", "2", "--out", str(out), "--allow-data-change"]) == 0
+    assert f"data: {data} changed since the adapter was trained on it" in capsys.readouterr().out
+    figures = json.loads((out / "eval.json").read_text())
+    assert figures["data_check"] == {"status": "changed", "sha256": file_sha256(data), "trained_path": str(data),
+                                     "trained_sha256": trained}
+    assert figures["rows"][0]["reference"] == "Something else entirely."  # the file as it is now
+    report = (out / "report.md").read_text()
+    assert (f"- **Data**: {data} changed since the adapter was trained on it (sha256 {file_sha256(data)[:12]} now, "
+            f"{trained[:12]} then); scored anyway (--allow-data-change)") in report
+
+
+def test_another_data_file_is_scored_and_the_report_says_it_is_not_the_training_data(own_data_adapter, tmp_path):
+    adapter, data = own_data_adapter
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    change_one_description(other)
+    result, out = run_evaluation(adapter, data_path=str(other), out_dir=tmp_path / "r", **QUICK)
+    assert (result.data_check.status, result.data_check.sha256) == ("other", file_sha256(other))
+    assert json.loads((out / "eval.json").read_text())["data_check"]["status"] == "other"
+    assert (f"- **Data**: {other} is not the training data ({data}, sha256 {file_sha256(data)[:12]}; "
+            f"this file: {file_sha256(other)[:12]})") in (out / "report.md").read_text()
+    # A copy with the training file's bytes is the training data.
+    same = tmp_path / "same.jsonl"
+    same.write_text(data.read_text())
+    assert eval_rows(adapter, "test", data_path=str(same)).data_check.status == "same"
+
+
+def test_without_a_recorded_hash_nothing_is_checked(own_data_adapter, tmp_path):
+    adapter, data = own_data_adapter
+    meta = json.loads((adapter / "lexlora.json").read_text())
+    meta["dataset"]["sha256"] = None  # an HF dataset dir at training, or an adapter from before the hash
+    (adapter / "lexlora.json").write_text(json.dumps(meta))
+    change_one_description(data)
+    rows = eval_rows(adapter, "test")
+    assert rows.data_check.status == "unchecked" and rows.references[0] == "Something else entirely."
