@@ -72,12 +72,18 @@ def test_per_example_rouge_is_each_rows_f_measure_and_averages_to_text_metrics(r
 def test_evaluate_load_of_the_shipped_script_needs_no_network(monkeypatch):
     import evaluate
 
+    # Each attempt is recorded, not only raised: evaluate and huggingface_hub catch a failed request
+    # (`except Exception`), which would swallow an assertion raised here and let the test pass.
+    attempts = []
+
     def no_network(*args, **kwargs):
-        raise AssertionError("evaluate.load tried the network")
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("no network in this test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     metric = evaluate.load(str(METRIC_DIR / "rouge.py"), keep_in_memory=True)
+    assert attempts == [], f"evaluate.load tried the network: {attempts}"
     per_example = metric.compute(predictions=[CAT_PRED, "x y"], references=[CAT_REF, "x y"],
                                  use_aggregator=False, use_stemmer=True)
     assert per_example["rouge1"] == pytest.approx([5 / 6, 1.0])
