@@ -5,7 +5,8 @@ from lexlora._exports import lazy_exports
 
 _EXPORTS = {
     "classification_metrics": "metrics", "score": "metrics", "text_metrics": "metrics",
-    "EvalResult": "runner", "evaluate_adapter": "runner", "run_evaluation": "runner",
+    "evaluate_adapter": "runner", "run_evaluation": "runner",
+    "DataCheck": "results", "EvalResult": "results",
     "write_eval_report": "reports",
     "diagnose_file": "diagnostics",
 }
