@@ -5,8 +5,9 @@ imports the other)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from lexlora.evaluation.metrics import scalar_metrics
 

@@ -1,6 +1,7 @@
 """`lexlora eval`: rows from the adapter's own split, base vs adapter on the same prompts, scores
 that match the predictions written, the report files, and the label (classification) path."""
 
+import dataclasses
 import json
 import random
 
@@ -164,7 +165,7 @@ def test_the_unchanged_training_file_is_checked_and_recorded(own_data_adapter, t
     adapter, data = own_data_adapter
     result, out = run_evaluation(adapter, out_dir=tmp_path / "r", **QUICK)
     check = json.loads((out / "eval.json").read_text())["data_check"]
-    assert check == {"status": "same", "sha256": file_sha256(data), "trained_path": str(data),
+    assert check == dataclasses.asdict(result.data_check) == {"status": "same", "sha256": file_sha256(data), "trained_path": str(data),
                      "trained_sha256": file_sha256(data)}
     assert "**Data**" not in (out / "report.md").read_text()
 
