@@ -9,7 +9,9 @@ import logging
 import sys
 from typing import Sequence
 
+from lexlora.config import TASKS
 from lexlora.errors import LexloraError
+from lexlora.serving.settings import ServeSettings  # a plain dataclass: no fastapi or torch
 
 EXIT_BAD_INPUT = 2
 
@@ -55,28 +57,18 @@ def run_train(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from lexlora.adapters.files import base_config_from_metadata, load_adapter
     from lexlora.adapters.format import read_metadata
-    from lexlora.data.embeddings import LexicalEncoder
 
     base_config = None
     if args.base:
         base_config = base_config_from_metadata(read_metadata(args.adapter))
         base_config.name_or_path = args.base
     model = load_adapter(args.adapter, base_config=base_config, allow_pickle=args.allow_pickle)
-    meta = model.metadata
     if args.device:
         model.to(args.device)
-    spec = model.spec
-    if spec.fusion_enabled:
-        model.lexical_encoder = LexicalEncoder(spec.embedding_model, device=args.device)
     inputs = [_parse_input(text) for text in args.inputs]
-    generation = meta.get("generation", {})
-    outputs = model.generate_text(
-        inputs,
-        batch_size=args.batch_size,
-        max_source_length=meta.get("data", {}).get("max_source_length", 128),
-        max_new_tokens=args.max_new_tokens or generation.get("max_new_tokens", 48),
-        num_beams=args.num_beams or generation.get("num_beams", 1),
-    )
+    # Settings not given on the command line are the adapter's own (its lexlora.json).
+    outputs = model.generate_text(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  num_beams=args.num_beams)
     for text in outputs:
         print(text)
     return 0
@@ -149,8 +141,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
              "one in lexlora.json); the report says so",
     )
     parser.add_argument("--out", help="report dir (default: ADAPTER/eval/SPLIT)")
-    from lexlora.config import TASKS  # light: no torch
-
     parser.add_argument("--task", choices=TASKS, default="auto",
                         help="text: ROUGE; labels: accuracy/F1 (default: as trained, else detected)")
     parser.add_argument("--max-rows", type=_positive_int, help="first N rows of the split only")
@@ -166,8 +156,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from lexlora.serving.server import run_server  # fastapi/uvicorn are only imported by the server
-    from lexlora.serving.settings import ServeSettings
+    from lexlora.serving.server import (
+        run_server,  # fastapi/uvicorn are only imported by the server
+    )
 
     # The serve sub-parser has one option per setting, under the setting's name.
     settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
@@ -282,13 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")
     abl.add_argument("--split", default="validation", help="split scored for every run (default: validation)")
     abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
-    from lexlora.config import TASKS  # light: no torch
-
     abl.add_argument("--task", choices=TASKS, default="auto")
     abl.set_defaults(func=run_ablate)
 
-    from lexlora.serving.settings import ServeSettings  # light (no fastapi); its defaults are the options'
-
+    # The serve options' defaults are ServeSettings' (one home).
     serve_defaults = ServeSettings()
     srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
     srv.set_defaults(**vars(serve_defaults))
