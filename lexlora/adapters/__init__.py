@@ -5,6 +5,7 @@ from lexlora._exports import lazy_exports
 
 _EXPORTS = {
     "CARD_NAME": "format", "CONFIG_NAME": "format", "FORMAT_VERSION": "format", "META_NAME": "format", "WEIGHTS_NAME": "format", "read_metadata": "format",
+    "AdapterMetadata": "format", "write_metadata": "format",
     "check_fingerprint": "fingerprint", "fingerprint": "fingerprint",
     "AdapterFiles": "files", "check_output_dir": "files", "load_adapter": "files", "read_adapter_dir": "files", "save_adapter": "files", "write_adapter_files": "files",
     "model_card": "card",

@@ -111,13 +111,6 @@ class AdapterMetadata:
         out.update(self.extra)
         return out
 
-    # Transitional dict-style reads for modules not yet moved to the typed fields.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = META_NAME) -> "AdapterMetadata":
         """Checked as far as lexlora relies on it, naming the key at fault."""

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lexlora.adapters.format import read_metadata
+from lexlora.adapters.format import META_NAME, AdapterMetadata, read_metadata
 from lexlora.config import TASKS, DataConfig
 from lexlora.data.splits import load_splits
 from lexlora.errors import ConfigError, DataError
@@ -33,13 +33,12 @@ from lexlora.fileio import file_sha256
 logger = logging.getLogger(__name__)
 
 
-def data_config_for(adapter_dir: Path, meta: dict[str, Any]) -> DataConfig:
+def data_config_for(adapter_dir: Path, meta: AdapterMetadata) -> DataConfig:
     """The data settings the adapter was trained with (lexlora.json keeps all but the path)."""
-    recorded = dict(meta.get("data") or {})
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    config = DataConfig(**{k: v for k, v in recorded.items() if k in known})
-    config.path = (meta.get("dataset") or {}).get("path") or ""
-    adapter = meta["adapter"]
+    config = DataConfig(**{k: v for k, v in meta.data.items() if k in known})
+    config.path = meta.dataset.path or ""
+    adapter = meta.adapter
     config.input_template = adapter["input_template"]
     config.target_field = adapter["target_field"]
     config.lexical_field = adapter.get("lexical_field") or config.lexical_field
@@ -75,7 +74,7 @@ def eval_rows(
             f"split {split!r} is not one of this adapter's splits {sorted(data.splits)} "
             "(or use --split all for the whole file)"
         )
-    splits, _, _ = load_splits(data, fusion_enabled=bool(meta["adapter"].get("fusion_mode")))
+    splits, _, _ = load_splits(data, fusion_enabled=bool(meta.adapter.get("fusion_mode")))
     records = splits[split][:max_rows] if max_rows else splits[split]
     if not records:
         raise DataError(f"{data.path}: split {split!r} ({data.splits[split]}) has no rows")
@@ -89,15 +88,14 @@ def eval_rows(
     )
 
 
-def check_data(adapter_dir: Path, meta: dict[str, Any], data_path: str, allow_change: bool = False) -> DataCheck:
+def check_data(adapter_dir: Path, meta: AdapterMetadata, data_path: str, allow_change: bool = False) -> DataCheck:
     """Compare the file to score with the dataset hash recorded at training (lexlora.json dataset.sha256).
 
     The recorded file with other bytes is a DataError (its splits are no longer the rows trained and
     tested on) unless `allow_change`. Another file given with --data is the user's choice: it is
     scored, and the report says it is not the training data. Without a recorded hash (old adapters,
     saved dataset dirs) nothing is checked."""
-    recorded = meta.get("dataset") or {}
-    trained_path, trained_sha256 = recorded.get("path"), recorded.get("sha256")
+    trained_path, trained_sha256 = meta.dataset.path, meta.dataset.sha256
     sha256 = file_sha256(Path(data_path)) if Path(data_path).is_file() else None
     if not trained_sha256 or sha256 is None:
         status = DATA_UNCHECKED
@@ -110,7 +108,7 @@ def check_data(adapter_dir: Path, meta: dict[str, Any], data_path: str, allow_ch
     else:
         raise DataError(
             f"{data_path} has changed since {adapter_dir} was trained on it: sha256 {sha256[:12]} now, "
-            f"{trained_sha256[:12]} recorded in {adapter_dir}/lexlora.json; its splits may no longer be the rows "
+            f"{trained_sha256[:12]} recorded in {adapter_dir}/{META_NAME}; its splits may no longer be the rows "
             "the adapter was trained and tested on. Pass --allow-data-change to score it anyway"
         )
     check = DataCheck(status, sha256, trained_path, trained_sha256)
@@ -205,7 +203,7 @@ def run_evaluation(
     return result, out
 
 
-def _recorded_task(meta: dict[str, Any]) -> str:
+def _recorded_task(meta: AdapterMetadata) -> str:
     """The task the adapter was trained for, when its config set one (data.task)."""
-    task = (meta.get("data") or {}).get("task") or "auto"
+    task = meta.data.get("task") or "auto"
     return task if task in TASKS else "auto"
