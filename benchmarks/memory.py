@@ -111,12 +111,8 @@ def prepare_batches(steps: int, batch_size: int, data: Path = DATA) -> list[dict
 def build(variant: str, quantization: str, device: torch.device):
     from lexlora.config import LoraSettings, ModelConfig
     from lexlora.data.spec import AdapterSpec
+    from lexlora.model.factory import build_model
     from lexlora.model.loading import load_base_model, load_tokenizer
-    from lexlora.model.lora_model import (
-        LexLoraModel,
-        build_lora_config,
-        enable_gradient_checkpointing,
-    )
 
     model_config = ModelConfig(name_or_path=MODEL_ID, random_init=True, quantization=quantization)
     base = load_base_model(model_config, device=device if quantization != "none" else None)
@@ -128,17 +124,16 @@ def build(variant: str, quantization: str, device: torch.device):
             input_template="{filename}", target_field="file_desc", lexical_field="filename",
             fusion_mode="add", embedding_model="sentence-transformers/all-MiniLM-L6-v2", embedding_dim=384,
         )
-        lora = build_lora_config(LoraSettings(r=8, alpha=16, dropout=0.05, target_modules=["q", "k", "v", "o"]), "t5", MODEL_ID)
-        model = LexLoraModel.create(base, load_tokenizer(model_config), lora, spec).to(device)
-        if variant == "lora_ckpt":
-            enable_gradient_checkpointing(model)
+        lora = LoraSettings(r=8, alpha=16, dropout=0.05, target_modules=["q", "k", "v", "o"])
+        model = build_model(base, load_tokenizer(model_config), spec, lora, base_id=MODEL_ID,
+                            gradient_checkpointing=variant == "lora_ckpt").to(device)
     model.train()
     return model
 
 
 def import_everything(quantization: str) -> None:
     """Import what building and training import, so the imports are not counted as model memory."""
-    modules = ["peft", "transformers.models.t5.modeling_t5", "lexlora.model.loading", "lexlora.model.lora_model"]
+    modules = ["peft", "transformers.models.t5.modeling_t5", "lexlora.model.loading", "lexlora.model.factory"]
     if quantization != "none":
         modules.append("bitsandbytes")
     for module in modules:

@@ -68,30 +68,29 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    import lexlora.training.recipe as training
     from lexlora.config import load_config
     from lexlora.data.prepare import prepare_data
-    from lexlora.data.spec import AdapterSpec
     from lexlora.data.tokenization import LexicalCollator
+    from lexlora.model.factory import model_for_run
     from lexlora.model.loading import load_base_model, load_tokenizer
-    from lexlora.model.lora_model import LexLoraModel, build_lora_config
+    from lexlora.training.launch import set_cpu_threads
+    from lexlora.training.loaders import train_data_loader
+    from lexlora.training.optimizer import make_optimizer
 
     cfg = load_config(ROOT / "configs" / "file_description.yaml", [
         f"data.path={DATA}", "model.random_init=true", "train.seed=0", *args.overrides])
     cfg.data.splits = {"train": f"[:{args.train_rows}]"}
-    threads = training.set_cpu_threads(cfg.train.cpu_threads, 1)
+    threads = set_cpu_threads(cfg.train.cpu_threads, 1)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer, "cpu")
     base = load_base_model(cfg.model, device=torch.device("cpu"))
-    spec = AdapterSpec(cfg.data.input_template, cfg.data.target_field, data.lexical_field,
-                       cfg.fusion.mode if cfg.fusion.enabled else None, cfg.fusion.embedding_model, data.embedding_dim)
-    model = LexLoraModel.create(base, tokenizer, build_lora_config(cfg.lora, base.config.model_type, "x"), spec)
+    model = model_for_run(cfg, base, tokenizer, data)  # as train() builds it (train.gradient_checkpointing too)
     model.train()
     collator = LexicalCollator(tokenizer, cfg.data.pad_to_multiple_of)
-    loader = training.train_data_loader(data.splits["train"], cfg, collator, torch.Generator().manual_seed(0))
+    loader = train_data_loader(data.splits["train"], cfg, collator, torch.Generator().manual_seed(0))
     batches = list(loader)[: args.steps + 2]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = training.make_optimizer(params, cfg.train)  # as lexlora trains (fused AdamW by default)
+    optimizer = make_optimizer(params, cfg.train)  # as lexlora trains (fused AdamW by default)
 
     def step(batch):
         loss = model(**batch).loss

@@ -255,20 +255,22 @@ def child_lexlora(args) -> dict:
     del data
     gc.collect()
 
+    # The memory baseline just before the model phase loads the base, and the model it builds
+    # (lexlora.model.factory.model_for_run), kept to generate with after the run.
     marks: dict = {}
-    real_load, real_create = training.load_base_model, LexLoraModel.create
+    real_load, real_build = training.load_base_model, training.model_for_run
 
     def load_base_model(*a, **kw):
         marks["baseline"] = current_rss_bytes()
         marks["peak_before"] = peak_rss_bytes()
         return real_load(*a, **kw)
 
-    def create(*a, **kw):
-        marks["model"] = real_create(*a, **kw)
+    def model_for_run(*a, **kw):
+        marks["model"] = real_build(*a, **kw)
         return marks["model"]
 
     training.load_base_model = load_base_model
-    training.LexLoraModel.create = create
+    training.model_for_run = model_for_run
     result = training.train(cfg)
     peak = peak_rss_bytes()
     metrics = result.metrics

@@ -7,18 +7,13 @@ import torch
 from lexlora.config import LoraSettings
 from tests.conftest import TINY_T5
 from lexlora.data.spec import AdapterSpec
-from lexlora.model.lora_model import LexLoraModel, build_lora_config
+from lexlora.model.factory import build_model
+from lexlora.model.lora_model import LexLoraModel
 
 
 def make_model(base, tokenizer, mode="add", r=4, seed=0) -> LexLoraModel:
-    spec = AdapterSpec(
-        input_template="Describe {filename}:", target_field="description", lexical_field="filename",
-        fusion_mode=mode, embedding_model="sentence-transformers/all-MiniLM-L6-v2" if mode else None,
-        embedding_dim=384 if mode else None,
-    )
-    torch.manual_seed(seed)
-    lora = build_lora_config(LoraSettings(r=r, alpha=2 * r, dropout=0.0), "t5", "google/flan-t5-small")
-    return LexLoraModel.create(base, tokenizer, lora, spec)
+    """A fresh adapter on a tiny T5 base (fusion `mode`, None: off), LoRA of rank `r`."""
+    return make_model_for(base, tokenizer, "google/flan-t5-small", mode, r, seed)
 
 
 @torch.no_grad()
@@ -106,9 +101,7 @@ def make_model_for(base, tokenizer, model_id, mode="add", r=4, seed=0, **lora) -
         fusion_mode=mode, embedding_model=MINILM if mode else None, embedding_dim=384 if mode else None,
     )
     torch.manual_seed(seed)
-    settings = LoraSettings(r=r, alpha=2 * r, dropout=0.0, **lora)
-    config = build_lora_config(settings, base.config.model_type, model_id, base.config)
-    return LexLoraModel.create(base, tokenizer, config, spec)
+    return build_model(base, tokenizer, spec, LoraSettings(r=r, alpha=2 * r, dropout=0.0, **lora), base_id=model_id)
 
 
 def save_family_bases(root) -> dict:

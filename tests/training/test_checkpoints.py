@@ -1,19 +1,16 @@
-"""Checkpoints, resume, SIGINT/SIGTERM and non-finite losses (lexlora/checkpoints.py and the loop in
-lexlora/training.py): an interrupted run, resumed, ends exactly as one that never was."""
+"""Checkpoints, resume, SIGINT and non-finite losses (lexlora/training/checkpoints.py and the loop in
+lexlora/training/loop.py), in-process: an interrupted run, resumed, ends exactly as one that never
+was. The runs killed or stopped from outside (SIGKILL, SIGTERM) are in tests/e2e/test_train_runs.py."""
 
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lexlora.cli import main
-from lexlora.config import load_config
 from lexlora.errors import ConfigError
 from lexlora.model.lora_model import LexLoraModel
 from lexlora.training.checkpoints import (
@@ -22,93 +19,9 @@ from lexlora.training.checkpoints import (
     list_checkpoints,
 )
 from lexlora.training import NonFiniteLossError, train
-from tests.conftest import ROOT, tiny_train_config
+from tests.conftest import tiny_train_config
 from tests.helpers import write_config
-
-STDLIB = ROOT / "examples" / "python_stdlib.jsonl"
-WEIGHTS = "adapter_model.safetensors"
-# Two epochs of 16 optimizer steps (32 rows in batches of 2), a checkpoint every 2 steps: long enough
-# for a signal to land mid-epoch, a few seconds in all. float32 weights, so they compare exactly.
-LONG_RUN = ["train.max_steps=null", "train.epochs=2", "train.batch_size=2", "train.checkpoint_every=2",
-            "train.cpu_threads=1", "save_dtype=float32"]
-
-
-def records(adapter_dir):
-    """The training log's loss and evaluation records, without their wall-clock times."""
-    lines = (adapter_dir / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if "loss" in r or "val_loss" in r]
-
-
-def start(tmp_path, command, **env):
-    """The command in the background, its output in files (a pipe nobody reads could fill up)."""
-    out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
-
-
-def wait_for_checkpoint(directory, process, step=1, timeout=300):
-    """Until a checkpoint at `step` or later is complete."""
-    deadline = time.monotonic() + timeout
-    while not any(int(p.name[4:12]) >= step for p in list_checkpoints(directory)):
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.01)
-
-
-def leftovers(directory, name="adapter"):
-    """Staging / failed dirs of the adapter `name` (none may be left behind)."""
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}."))
-
-
-def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
-    config = write_config(tmp_path, STDLIB)
-    whole = train(load_config(config, [f"output_dir={tmp_path / 'whole'}", *LONG_RUN]))
-
-    out = tmp_path / "adapter"
-    process = start(tmp_path, [sys.executable, "scripts/train_lora.py", "--config", str(config), f"output_dir={out}", *LONG_RUN])
-    checkpoints = tmp_path / "adapter.checkpoints"
-    # Killed in the second epoch: resuming must then redo that epoch's shuffle, skip the batches
-    # already done, and bring back the first epoch's evaluation (the best so far).
-    wait_for_checkpoint(checkpoints, process, step=18)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    newest = list_checkpoints(checkpoints)[-1]
-    position = json.loads((newest / STATE_NAME).read_text())["loop"]
-    assert position["epoch"] == 1 and 0 < position["batches_done"] < 16  # mid-epoch
-    assert not out.exists() and leftovers(tmp_path)  # the killed run's staging dir
-
-    resumed = train(load_config(config, [f"output_dir={out}", *LONG_RUN, "train.resume=true"]))
-    expected, got = load_file(str(whole.output_dir / WEIGHTS)), load_file(str(out / WEIGHTS))
-    assert expected.keys() == got.keys()
-    diff = max((expected[k] - got[k]).abs().max().item() for k in expected)
-    assert diff <= 1e-6, diff  # measured: 0.0 on CPU
-    # The resumed run logged the same losses, step by step, and the same evaluation of each epoch.
-    assert records(out) == records(whole.output_dir)
-    assert resumed.metrics["resumed_at_steps"] == [position["step"]]
-    assert resumed.metrics["best_val_loss"] == whole.metrics["best_val_loss"]
-    # Published: the checkpoints and the killed run's staging dir are gone.
-    assert not checkpoints.exists() and leftovers(tmp_path) == []
-
-
-def test_sigterm_saves_a_checkpoint_and_exits_143_leaving_the_existing_adapter_alone(tmp_path):
-    config = write_config(tmp_path, STDLIB)
-    out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "marker").write_text("the adapter of an earlier run")
-    process = start(tmp_path, [sys.executable, "scripts/train_lora.py", "--config", str(config), f"output_dir={out}",
-                               "overwrite_output_dir=true", *LONG_RUN])
-    checkpoints = tmp_path / "adapter.checkpoints"
-    wait_for_checkpoint(checkpoints, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 143
-    stderr = (tmp_path / "stderr.txt").read_text()
-    newest = list_checkpoints(checkpoints)[-1]
-    assert f"stopped by SIGTERM after step {int(newest.name[4:12])}" in stderr
-    assert f"saved in {newest}" in stderr and "--resume" in stderr and "No adapter was written" in stderr
-    assert "Traceback" not in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["marker"] and leftovers(tmp_path) == []
-
+from tests.training.runs import STDLIB, WEIGHTS, leftovers, records
 
 def interrupt_at(monkeypatch, call, signum=signal.SIGINT):
     """Send `signum` to this process during the `call`-th training forward pass."""

@@ -9,10 +9,7 @@ from lexlora.data.tokenization import LexicalCollator
 from lexlora.errors import ConfigError, DataError, ModelLoadError
 from lexlora.training.recipe import train
 from tests.conftest import FILE_DESCRIPTIONS, requires_shared_data, tiny_train_config
-
-
-def read_log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.training.runs import read_log
 
 
 @requires_shared_data()
@@ -289,44 +286,6 @@ def test_a_failing_plot_does_not_lose_the_adapter(tmp_path, stdlib_data, monkeyp
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     assert not (result.output_dir / "loss_curve.png").exists()
     assert "no display for you" in caplog.text
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_cpu_processes_through_accelerate_launch_are_one_data_parallel_run(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one gloo
-    data-parallel run, not two copies of one racing for output_dir; it checkpoints (every process
-    its RNG states) and cleans up like a single process. (Stopping with SIGTERM and resuming with two
-    processes was checked by hand: same weights as an uninterrupted 2-process run, max diff 0.0.)"""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-    from tests.training.test_checkpoints import LONG_RUN, leftovers
-    from tests.helpers import write_config
-
-    out = tmp_path / "adapter"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "scripts/train_lora.py",
-              "--config", str(write_config(tmp_path, ROOT / "examples" / "python_stdlib.jsonl")),
-              f"output_dir={out}", *LONG_RUN]
-    done = subprocess.run(launch, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("adapter saved to") == 1
-    metrics = json.loads((out / "lexlora.json").read_text())["metrics"]
-    assert metrics["num_processes"] == 2
-    assert metrics["steps"] == 16  # 32 rows in batches of 2 per process, 2 epochs
-    assert [r["epoch"] for r in read_log(out / "metrics.jsonl") if "val_loss" in r] == [1, 2]
-    assert leftovers(tmp_path) == [] and not (tmp_path / "adapter.checkpoints").exists()
-    assert load_adapter(out).spec.fusion_enabled
 
 
 def peak_rss_now():
