@@ -44,7 +44,7 @@ from lexlora.adapters.format import (
     targeted,
     write_metadata,
 )
-from lexlora.config import FUSION_MODES, ModelConfig
+from lexlora.config import FUSION_MODES, SAVE_DTYPES, ModelConfig
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, ConfigError
 from lexlora.fileio import _reason, _umask, file_sha256, make_staging_dir
@@ -55,7 +55,8 @@ from lexlora.version import __version__
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# save_dtype name -> torch dtype (the names are the config's SAVE_DTYPES, which are torch's own).
+DTYPES = {name: getattr(torch, name) for name in SAVE_DTYPES}
 
 
 def check_output_dir(final: str | Path, overwrite: bool) -> None:
