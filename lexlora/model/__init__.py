@@ -9,6 +9,7 @@ _EXPORTS = {
     "LexicalFusion": "fusion", "fuse": "fusion", "encoder_input_width": "fusion",
     "use_fast_ops": "fast_ops",
     "LexLoraModel": "lora_model", "build_lora_config": "lora_model", "enable_gradient_checkpointing": "lora_model", "disable_gradient_checkpointing": "lora_model",
+    "build_model": "factory", "model_for_run": "factory", "run_spec": "factory",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
