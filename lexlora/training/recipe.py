@@ -126,6 +126,7 @@ def describe_counts(trainable: int, total: int) -> str:
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train an adapter as `cfg` says and publish it to cfg.output_dir (every process calls it)."""
     recipe = Recipe(cfg)
     recipe.setup_accelerator()
     recipe.setup_data()
