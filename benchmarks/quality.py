@@ -107,7 +107,7 @@ def run_full_arm(args) -> dict:
     from lexlora.data.tokenization import LexicalCollator, encode_split
     from lexlora.evaluation.metrics import score
     from lexlora.model.loading import load_base_model, load_tokenizer
-    from lexlora.training.recipe import set_cpu_threads
+    from lexlora.training.launch import set_cpu_threads
 
     cfg = load_cfg(args, "full")
     train_cfg = cfg.train

@@ -186,12 +186,10 @@ def test_best_epoch_by_a_generated_metric_is_kept_and_its_score_is_the_saved_ada
 
     # final_* are the scores of the saved (float16-rounded) adapter: reloading it and generating
     # for the same rows gives exactly final_rouge1.
-    from lexlora.data.embeddings import LexicalEncoder
     from lexlora.data.splits import load_splits
     from lexlora.evaluation.metrics import score
 
-    model = load_adapter(out)
-    model.lexical_encoder = LexicalEncoder(config.fusion.embedding_model)
+    model = load_adapter(out)  # embeds its fusion inputs itself
     rows = [r.fields for r in load_splits(config.data, True)[0]["validation"][:4]]
     outputs = model.generate_text(rows, max_source_length=config.data.max_source_length, max_new_tokens=4)
     assert score("text", outputs, [r["description"] for r in rows])["rouge1"] == metrics["final_rouge1"]
