@@ -112,10 +112,15 @@ class LexicalEncoder:
     @property
     def model(self):
         if self._model is None:
+            from huggingface_hub import constants
             from sentence_transformers import SentenceTransformer
 
             try:
-                self._model = SentenceTransformer(self.model_id, device=self.device)
+                # Offline, ask for cached files only: otherwise the Hub client first tries the network and
+                # logs "Could not reach the Hub ... Using cached commit hash" for every model loaded.
+                self._model = SentenceTransformer(
+                    self.model_id, device=self.device, local_files_only=constants.HF_HUB_OFFLINE
+                )
             except Exception as exc:
                 raise ModelLoadError(
                     f"could not load the embedding model {self.model_id!r} ({type(exc).__name__}: {exc}). "

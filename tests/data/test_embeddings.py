@@ -43,3 +43,16 @@ def test_shards_are_merged(tmp_path, monkeypatch):
     fresh = LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path)
     fresh.encode([f"file_{i}" for i in range(4)])
     assert fresh.encoded_count == 0
+
+
+def test_offline_the_model_loads_from_the_cache_without_hub_warnings(tmp_path, caplog, monkeypatch):
+    """With HF_HUB_OFFLINE the Hub client logged "Could not reach the Hub ... Using cached commit hash"
+    for every load unless asked for local files only."""
+    import logging
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with caplog.at_level(logging.WARNING):
+        assert LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path).encode(["main.py"]).shape == (1, 384)
+    assert not [r for r in caplog.records if "Could not reach the Hub" in r.getMessage()]
