@@ -2,8 +2,9 @@
 prompts), score both against the references, and write the report.
 
 The rows come from the adapter's own data settings (its config.yaml, or lexlora.json) unless
-another data file is given; the task (free text → ROUGE, a small label set → accuracy / F1) is
-detected from the references unless set."""
+another data file is given, by default from its test split, else validation (`default_split`); the
+task (free text → ROUGE, a small label set → accuracy / F1) is detected from the references unless
+set."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +47,29 @@ def data_config_for(adapter_dir: Path, meta: AdapterMetadata) -> DataConfig:
     return config
 
 
+def default_split(adapter_dir: str | Path) -> str:
+    """The split scored when none is named: test where the adapter's data.splits has one (rows no
+    training choice saw), else validation (e.g. configs/smoke.yaml has only train/validation)."""
+    adapter_dir = Path(adapter_dir)
+    return _default_of(data_config_for(adapter_dir, read_metadata(adapter_dir)).splits)
+
+
+def _default_of(splits: Mapping[str, str]) -> str:
+    return "test" if "test" in splits else "validation"
+
+
 def eval_rows(
     adapter_dir: str | Path,
-    split: str = "test",
+    split: str | None = None,
     data_path: str | None = None,
     max_rows: int | None = None,
     allow_data_change: bool = False,
 ) -> EvalRows:
     """The split's records (as the adapter's template needs them) and references.
 
-    `split` names one of the adapter's data.splits, or "all" for every row of the file. The
-    training file changed since training is a DataError unless `allow_data_change` (see check_data)."""
+    `split` names one of the adapter's data.splits, or "all" for every row of the file (None:
+    `default_split`). The training file changed since training is a DataError unless
+    `allow_data_change` (see check_data)."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     data = data_config_for(adapter_dir, meta)
@@ -67,6 +81,7 @@ def eval_rows(
             "relative to where training ran); pass --data FILE"
         )
     data_check = check_data(adapter_dir, meta, data.path, allow_data_change)
+    split = split or _default_of(data.splits)
     if split == "all":
         data.splits = {"all": "[:100%]"}
     elif split not in data.splits:
@@ -171,7 +186,7 @@ def evaluate_adapter(
 
 def run_evaluation(
     adapter_dir: str | Path,
-    split: str = "test",
+    split: str | None = None,
     data_path: str | None = None,
     out_dir: str | Path | None = None,
     task: str = "auto",
@@ -185,8 +200,8 @@ def run_evaluation(
     **generate_kwargs: Any,
 ) -> tuple[EvalResult, Path]:
     """The whole `lexlora eval`: rows, registry on the adapter's base, generation, scores, report
-    (default: `<adapter>/eval/<split>`). `allow_data_change`: score the training file even though it
-    changed since training (the report says so)."""
+    (default: `<adapter>/eval/<split>`; split None: `default_split`). `allow_data_change`: score the
+    training file even though it changed since training (the report says so)."""
     # Imported here, not at the top: both import torch, which bad input should not wait for.
     from lexlora.evaluation.reports import write_eval_report
     from lexlora.serving.registry import LexLoRA
@@ -199,7 +214,7 @@ def run_evaluation(
     name = adapter_dir.resolve().name
     registry.load_adapter(adapter_dir, name=name)
     result = evaluate_adapter(registry, name, rows, task=task, with_base=with_base, bleu=bleu, **generate_kwargs)
-    out = write_eval_report(result, Path(out_dir) if out_dir else adapter_dir / "eval" / split, samples)
+    out = write_eval_report(result, Path(out_dir) if out_dir else adapter_dir / "eval" / rows.split, samples)
     return result, out
 
 

@@ -56,6 +56,25 @@ def test_rows_come_from_the_adapters_own_split(text_adapter):
     assert len(eval_rows(text_adapter, "all").records) == 442
 
 
+def test_without_a_split_test_is_scored_else_validation(text_adapter, label_adapter):
+    assert eval_rows(text_adapter).split == "test"
+    assert eval_rows(label_adapter).split == "validation"  # trained on train/validation only (as smoke.yaml)
+
+
+def test_eval_command_says_which_split_it_defaulted_to(text_adapter, label_adapter, capsys):
+    common = ["--max-rows", "2", "--max-new-tokens", "2", "--no-base"]
+    assert main(["eval", "--adapter", str(label_adapter), *common]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("lexlora: scoring the validation split (this adapter has no test split; "
+                                   "--split NAME for another)")
+    assert json.loads((label_adapter / "eval" / "validation" / "eval.json").read_text())["split"] == "validation"
+    assert main(["eval", "--adapter", str(text_adapter), *common, "--out", str(text_adapter / "eval" / "d")]) == 0
+    assert "lexlora: scoring the test split (the default; --split NAME for another)" in capsys.readouterr().out
+    assert main(["eval", "--adapter", str(text_adapter), "--split", "validation", *common,
+                 "--out", str(text_adapter / "eval" / "v")]) == 0
+    assert "lexlora: scoring" not in capsys.readouterr().out  # a named split needs no note
+
+
 def test_bad_split_and_missing_data_are_clear(text_adapter, tmp_path):
     with pytest.raises(ConfigError, match=r"split 'dev' is not one of this adapter's splits \['test', 'train', 'validation'\]"):
         eval_rows(text_adapter, "dev")
