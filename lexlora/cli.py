@@ -11,6 +11,7 @@ from typing import Sequence
 
 from lexlora.config import TASKS
 from lexlora.errors import LexloraError
+from lexlora.export.layout import EXPORT_DTYPES  # names only: no torch
 from lexlora.serving.settings import ServeSettings  # a plain dataclass: no fastapi or torch
 
 EXIT_BAD_INPUT = 2
@@ -128,6 +129,20 @@ def run_ablate(args: argparse.Namespace) -> int:
     )
     print(table.read_text())
     print(f"table: {table}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from lexlora.export.writer import export_adapter
+
+    inputs = [_parse_input(text) for text in args.inputs] if args.inputs else None
+    report = export_adapter(args.adapter, args.out, dtype=args.dtype, inputs=inputs, max_rows=args.max_rows,
+                            overwrite=args.overwrite)
+    check = report.verification
+    print(f"verified on {check.rows} rows ({check.source}): {check.differing_outputs} greedy outputs differ, "
+          f"max abs logit diff {check.max_abs_logit_diff:.2e} (float32)")
+    load = "lexlora.export.load_export(OUT) (fusion)" if report.fusion else "AutoModelForSeq2SeqLM.from_pretrained(OUT)"
+    print(f"export: {report.path} ({report.dtype}; load with {load})")
     return 0
 
 
@@ -275,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
     abl.add_argument("--task", choices=TASKS, default="auto")
     abl.set_defaults(func=run_ablate)
+
+    exp = sub.add_parser("export", help="merge an adapter into its base: a standard transformers model dir, verified")
+    exp.add_argument("--adapter", required=True, help="adapter directory")
+    exp.add_argument("--out", required=True, help="export directory (refused if it exists, unless --overwrite)")
+    exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
+                     help="dtype of the saved weights (verified in float32 before the cast; default: float32)")
+    exp.add_argument("--inputs", nargs="+", metavar="TEXT",
+                     help="inputs (text or JSON records) to verify on (default: the adapter's validation rows, "
+                          "else a small built-in set)")
+    exp.add_argument("--max-rows", type=_positive_int, default=32, help="validation rows verified on (default: 32)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new export is verified")
+    exp.set_defaults(func=run_export)
 
     # The serve options' defaults are ServeSettings' (one home).
     serve_defaults = ServeSettings()
