@@ -7,14 +7,16 @@ far from the cause. With `skip_invalid` it serves the rest instead, and lists wh
 startup and in GET /health.
 """
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from lexlora.adapters.catalog import find_adapters
-from lexlora.errors import AdapterError, LexloraError
+from lexlora.errors import AdapterError, ConfigError, LexloraError
 from lexlora.serving.app import create_app
 from lexlora.serving.registry import LexLoRA
 from lexlora.serving.settings import ServeSettings
@@ -27,6 +29,7 @@ def run_server(settings: ServeSettings) -> int:
     the exit status once uvicorn stops. AdapterError if the dir is missing, no base loads, or an
     adapter fails to load (unless `settings.skip_invalid`)."""
     found = find_adapters(settings.adapters_dir)
+    settings = dataclasses.replace(settings, device=resolve_device(settings.device))
     registry = _registry(settings, found)
     failed = load_adapters(registry, found, allow_pickle=settings.allow_pickle)
     if failed and not settings.skip_invalid:
@@ -37,7 +40,8 @@ def run_server(settings: ServeSettings) -> int:
 
     app = create_app(registry, settings.adapters_dir, settings, skipped=failed)
     url = f"http://{settings.host}:{settings.port}"
-    print(f"lexlora: serving {len(registry)} adapter(s) on {url} (API docs: {url}/docs)", flush=True)
+    print(f"lexlora: serving {len(registry)} adapter(s) on {url} with {registry.device} (API docs: {url}/docs)",
+          flush=True)
     for info in registry.list_adapters():
         print(f"  {info['name']}  inputs: {', '.join(info['input_fields'])}  ({info['path']})", flush=True)
     if failed:
@@ -46,6 +50,20 @@ def run_server(settings: ServeSettings) -> int:
             print(f"  skipped {name}: {reason}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def resolve_device(device: str | None) -> str:
+    """`auto` (or None) is CUDA when torch sees a GPU, else CPU, as a training run's Accelerator picks.
+    A device torch does not know, or CUDA where there is none, is a ConfigError before any model loads."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device ({exc}); e.g. auto, cuda, cuda:1, cpu") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: torch sees no CUDA device here; use --device auto or cpu")
+    return device
 
 
 def load_adapters(registry: LexLoRA, found: Sequence[Path], allow_pickle: bool = False) -> dict[str, str]:

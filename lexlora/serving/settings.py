@@ -12,7 +12,7 @@ class ServeSettings:
     host: str = "127.0.0.1"  # this machine only
     port: int = 8000
     base: str | None = None  # base model id or path; None: the first adapter's that loads
-    device: str | None = None
+    device: str = "auto"  # "auto": CUDA when present, else CPU (as training picks); or any torch device
     allow_pickle: bool = False  # startup loads only; POST /adapters stays safetensors-only
     skip_invalid: bool = False  # serve the adapters that load instead of refusing to start
     # Limits on each request.

@@ -120,3 +120,30 @@ def test_no_loadable_base_names_each_adapter_and_why(adapters, tmp_path, uvicorn
     err = capsys.readouterr().err
     assert "no adapter dir in" in err and "names a loadable base (1 found); pass --base MODEL_ID" in err
     assert any(line.strip().startswith("broken: ") and "not valid JSON" in line for line in err.splitlines()), err
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_device_defaults_to_auto_cuda_when_present_else_cpu(monkeypatch, cuda):
+    from lexlora.serving.server import resolve_device
+    from lexlora.serving.settings import ServeSettings
+
+    assert ServeSettings().device == "auto" and build_parser().parse_args(["serve", "--adapters", "x"]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_device("auto") == ("cuda" if cuda else "cpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_serve_says_its_device_and_refuses_a_bad_one_before_loading(adapters, tmp_path, uvicorn_run, capsys,
+                                                                   monkeypatch):
+    root = tmp_path / "served"
+    shutil.copytree(adapters[0] / "plain", root / "plain")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "--adapters", str(root)]) == 0
+    assert uvicorn_run["app"].state.registry.device == torch.device("cpu")
+    assert "serving 1 adapter(s) on http://127.0.0.1:8000 with cpu" in capsys.readouterr().out
+    uvicorn_run.clear()
+    for device, message in [("cdua", "--device 'cdua' is not a torch device"),
+                            ("cuda", "--device 'cuda': torch sees no CUDA device here; use --device auto or cpu")]:
+        assert main(["serve", "--adapters", str(root), "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and uvicorn_run == {}
