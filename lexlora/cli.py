@@ -70,9 +70,16 @@ def run_generate(args: argparse.Namespace) -> int:
     # Settings not given on the command line are the adapter's own (its lexlora.json).
     outputs = model.generate_text(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   num_beams=args.num_beams)
-    for text in outputs:
-        print(text)
+    for given, value, text in zip(args.inputs, inputs, outputs):
+        print(json.dumps({"input": value, "output": text}, ensure_ascii=False) if args.json
+              else format_generated(given, text))
     return 0
+
+
+def format_generated(given: str, output: str) -> str:
+    """`INPUT → "OUTPUT"`: the output quoted as a JSON string, so an empty one reads `""` and a
+    newline inside it stays on its line."""
+    return f"{given} → {json.dumps(output, ensure_ascii=False)}"
 
 
 def run_adapters_list(args: argparse.Namespace) -> int:
@@ -100,11 +107,16 @@ def run_adapters_show(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lexlora.evaluation.reports import REPORT_NAME
-    from lexlora.evaluation.runner import run_evaluation
+    from lexlora.evaluation.runner import default_split, run_evaluation
 
+    split = args.split
+    if not split:  # said before any model loads, so a long run is known to score the right rows
+        split = default_split(args.adapter)
+        why = "the default" if split == "test" else "this adapter has no test split"
+        print(f"lexlora: scoring the {split} split ({why}; --split NAME for another)", flush=True)
     generation = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v}
     result, out = run_evaluation(
-        args.adapter, split=args.split, data_path=args.data, out_dir=args.out, task=args.task,
+        args.adapter, split=split, data_path=args.data, out_dir=args.out, task=args.task,
         max_rows=args.max_rows, with_base=not args.no_base, bleu=args.bleu, base=args.base, device=args.device,
         batch_size=args.batch_size, allow_data_change=args.allow_data_change, **generation,
     )
@@ -148,7 +160,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, help="adapter directory")
-    parser.add_argument("--split", default="test", help="one of the adapter's data.splits, or 'all' (default: test)")
+    parser.add_argument(
+        "--split", default=None,
+        help="one of the adapter's data.splits, or 'all' (default: test, or validation when the adapter has no test split)",
+    )
     parser.add_argument("--data", help="data file (default: the one the adapter was trained on)")
     parser.add_argument(
         "--allow-data-change", action="store_true",
@@ -251,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train_parser)
     train_parser.set_defaults(func=run_train)
 
-    gen = sub.add_parser("generate", help="generate with an adapter, one output line per input")
+    gen = sub.add_parser(
+        "generate", help='generate with an adapter: one line per input, INPUT → "OUTPUT" (the output quoted)'
+    )
     gen.add_argument("--adapter", required=True, help="adapter directory")
     gen.add_argument("inputs", nargs="+", metavar="TEXT", help="input field value, or a JSON record")
     gen.add_argument("--base", help="base model id or path (default: the adapter's)")
@@ -259,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--batch-size", type=int, default=32)
     gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
+    gen.add_argument("--json", action="store_true",
+                     help='one JSON object per line instead, {"input": ..., "output": ...} (for scripts)')
     gen.add_argument(
         "--allow-pickle", action="store_true",
         help="read a pickle adapter_model.bin when there is no safetensors file (only for files you trust; "
@@ -286,7 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                      help="an axis (repeatable); default: fusion=off,add,first,prefix and lora.r=4,8")
     abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")
-    abl.add_argument("--split", default="validation", help="split scored for every run (default: validation)")
+    abl.add_argument(
+        "--split", default="validation",
+        help="split scored for every run (default: validation: choosing among variants is a choice made on "
+             "validation data, so the test split stays unseen until the chosen one is scored with lexlora eval)",
+    )
     abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
     abl.add_argument("--task", choices=TASKS, default="auto")
     abl.set_defaults(func=run_ablate)
@@ -314,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="default: %(default)s (this machine only)")
     srv.add_argument("--port", type=int, help="default: %(default)s")
     srv.add_argument("--base", metavar="MODEL_ID", help="base model id or path (default: the first adapter's)")
-    srv.add_argument("--device", help="e.g. cuda, cpu (default: cpu)")
+    srv.add_argument("--device", help="auto (CUDA when present, else CPU), cuda, cuda:1, cpu (default: %(default)s)")
     srv.add_argument("--max-inputs", type=_positive_int, help="inputs per request (default: %(default)s)")
     srv.add_argument("--max-input-chars", type=_positive_int, help="characters per input string (default: %(default)s)")
     srv.add_argument("--max-batch-rows", type=_positive_int, help="rows per model call (default: %(default)s)")

@@ -4,6 +4,7 @@ on its encoder input; forward for training and `generate` through precomputed en
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -129,7 +130,12 @@ class LexLoraModel(nn.Module):
             base.train(was_training)
         base.requires_grad_(False)
         try:
-            peft_model = get_peft_model(base, lora_config)
+            with warnings.catch_warnings():
+                # PEFT reads the base's `is_gradient_checkpointing`, which transformers 5 deprecates
+                # with a FutureWarning on every model built; nothing the user can act on.
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                peft_model = get_peft_model(base, lora_config)
         except ValueError as exc:  # e.g. target modules not found in the base
             raise ConfigError(f"could not add LoRA to {lora_config.base_model_name_or_path}: {exc}") from None
         fusion = None

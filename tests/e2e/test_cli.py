@@ -33,6 +33,18 @@ def test_accelerate_launch_trains_and_lexlora_generates(tmp_path):
     assert len(generated.stdout.strip("\n").split("\n")) == 2
 
 
+def test_accelerate_launch_q_ends_with_lexloras_one_line_error(tmp_path):
+    """Without -q, accelerate's launcher re-raises the child's exit status as a CalledProcessError
+    traceback printed after lexlora's line; the README's commands pass -q (single process)."""
+    config = write_config(tmp_path, ROOT / "examples" / "python_stdlib.jsonl")
+    launched = run([sys.executable, "-m", "accelerate.commands.launch", "-q", "scripts/train_lora.py",
+                    "--config", str(config), f"output_dir={tmp_path / 'x'}", "lora.r=abc"])
+    assert launched.returncode != 0
+    assert "Traceback" not in launched.stderr and "CalledProcessError" not in launched.stderr
+    last = [line for line in launched.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"lexlora: error: {config}") and "lora.r" in last, launched.stderr[-2000:]
+
+
 def test_plain_python_entry_point_runs(tmp_path):
     config = write_config(tmp_path, ROOT / "examples" / "python_stdlib.jsonl")
     done = run([sys.executable, "scripts/train_lora.py", "--config", str(config),
@@ -151,21 +163,60 @@ def test_existing_adapter_disk_full_and_overwrite(tmp_path, capsys, monkeypatch)
     assert f"output dir {tmp_path / 'new'}: {tmp_path} is not writable (Permission denied)" in capsys.readouterr().err
 
 
-def test_generate_refuses_a_pickle_adapter_unless_allowed(tmp_path, capsys, tokenizer):
-    import torch
-    from safetensors.torch import load_file
-
+def tiny_adapter(path, tokenizer, mode=None):
+    """A perturbed tiny-T5 adapter saved to `path` (no training: fast)."""
     from lexlora.adapters.files import save_adapter
     from lexlora.adapters.fingerprint import fingerprint
-    from lexlora.adapters.format import WEIGHTS_NAME
     from lexlora.model.loading import load_base_model
     from tests.conftest import tiny_model_config
     from tests.helpers import make_model, perturb_
 
     base = load_base_model(tiny_model_config())
-    model = make_model(base, tokenizer, mode=None)
+    model = make_model(base, tokenizer, mode=mode)
     perturb_(model)
-    path = save_adapter(model, tmp_path / "old", {"base": fingerprint(base, tiny_model_config())})
+    return save_adapter(model, path, {"base": fingerprint(base, tiny_model_config())})
+
+
+def test_generate_prints_each_input_beside_its_quoted_output_or_json(tmp_path, capsys, tokenizer):
+    from lexlora.cli import format_generated
+
+    assert format_generated("shutil.py", "") == 'shutil.py → ""'  # an empty output is visible
+    assert format_generated("a.py", 'Say "hi"\nnow') == 'a.py → "Say \\"hi\\"\\nnow"'  # one line, unambiguous
+    path = tiny_adapter(tmp_path / "a", tokenizer, mode="add")
+    inputs = ["shutil.py", '{"filename": "json/decoder.py"}']
+    command = ["generate", "--adapter", str(path), *inputs, "--max-new-tokens", "3"]
+    assert main(command) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    outputs = []
+    for given, line in zip(inputs, lines):
+        assert line.startswith(f"{given} → \"")
+        outputs.append(json.loads(line[len(f"{given} → "):]))
+    assert main([*command, "--json"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"input": "shutil.py", "output": outputs[0]}, {"input": {"filename": "json/decoder.py"}, "output": outputs[1]},
+    ]
+
+
+def test_generate_raises_no_deprecation_warnings_of_lexloras_own_calls(tmp_path, capsys, tokenizer):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` when lexlora builds the model:
+    a FutureWarning on every run, filtered where lexlora makes that call."""
+    import warnings
+
+    path = tiny_adapter(tmp_path / "a", tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", "--adapter", str(path), "a.py", "--max-new-tokens", "2"]) == 0
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_generate_refuses_a_pickle_adapter_unless_allowed(tmp_path, capsys, tokenizer):
+    import torch
+    from safetensors.torch import load_file
+
+    from lexlora.adapters.format import WEIGHTS_NAME
+
+    path = tiny_adapter(tmp_path / "old", tokenizer)
     command = ["generate", "--adapter", str(path), "a.py", "--max-new-tokens", "3"]
     assert main(command) == 0
     safetensors_output = capsys.readouterr().out
