@@ -85,7 +85,8 @@ def test_fusion_export_loads_with_load_export_and_plain_transformers_warns(tmp_p
     assert meta["adapter"]["fusion_mode"] == mode and meta["adapter"]["lexical_field"] == "filename"
     assert meta["fusion_keys"] == [FUSION_KEY_PREFIX + "proj.bias", FUSION_KEY_PREFIX + "proj.weight"]
     exported = load_export(out)
-    assert exported.generate_text(INPUTS) == load_adapter(path).generate_text(INPUTS)
+    expected = load_adapter(path).generate_text(INPUTS)
+    assert all(expected) and exported.generate_text(INPUTS) == expected  # non-empty: the check means something
 
     transformers_log.clear()
     AutoModelForSeq2SeqLM.from_pretrained(str(out))
