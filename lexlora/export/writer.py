@@ -169,11 +169,12 @@ def verification_rows(adapter_dir: Path, model: LexLoraModel, inputs, max_rows: 
         rows = eval_rows(adapter_dir, split="validation", max_rows=max_rows)
         return spec.format_inputs(rows.records), f"validation split of {rows.data_path}"
     except (DataError, ConfigError) as exc:
-        logger.info("export check: the adapter's validation rows are not available (%s); using default inputs", exc)
+        logger.warning("export check: the adapter's validation rows are not available (%s); checking on "
+                       "lexlora's default inputs (--inputs to choose them)", exc)
     if len(spec.input_fields) != 1:
         raise DataError(f"{adapter_dir}: its validation data is not available and it takes the fields "
                         f"{spec.input_fields}; give rows to check the export with (--inputs JSON records)")
-    return spec.format_inputs(list(DEFAULT_INPUTS)), "lexlora's default inputs (the adapter's data is absent)"
+    return spec.format_inputs(list(DEFAULT_INPUTS)), "lexlora's default inputs (no validation rows available)"
 
 
 class Checker:
