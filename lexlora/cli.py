@@ -1,5 +1,6 @@
-"""`lexlora` command line: train, generate, adapters list/show, serve. Errors from bad input are
-printed without a traceback."""
+"""`lexlora` command line: train, generate, eval, ablate, embeddings, adapters list/show, serve, export.
+It only parses arguments and calls into the packages; errors from bad input are printed as one line,
+without a traceback."""
 
 from __future__ import annotations
 

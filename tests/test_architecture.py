@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "lexlora"
-SUBPACKAGES = ["data", "model", "adapters", "training", "evaluation", "serving"]
+SUBPACKAGES = ["data", "model", "adapters", "training", "evaluation", "serving", "export"]
 
 
 def module_name(path):
