@@ -47,7 +47,9 @@ def test_the_readme_quick_try_runs_this_config_and_scores_the_test_split():
 
 def test_quick_try_config_trains_and_lexlora_eval_scores_it(tmp_path, capsys):
     out = tmp_path / "quick-try"
-    cfg = load_config(CONFIG, [*SHRINK, f"output_dir={out}"])
+    # The config's paths are relative to the repo root, where the README runs it; pytest may run elsewhere.
+    data = ROOT / load_config(CONFIG).data.path
+    cfg = load_config(CONFIG, [*SHRINK, f"data.path={data}", f"output_dir={out}"])
     train(cfg)
     meta = json.loads((out / "lexlora.json").read_text())
     assert meta["base"]["model_id"] == cfg.model.name_or_path
