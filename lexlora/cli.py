@@ -10,9 +10,8 @@ import logging
 import sys
 from typing import Sequence
 
-from lexlora.config import TASKS
+from lexlora.cli_parser import add_eval_arguments, add_train_arguments, make_parser
 from lexlora.errors import LexloraError
-from lexlora.export.layout import EXPORT_DTYPES  # names only: no torch
 from lexlora.serving.settings import ServeSettings  # a plain dataclass: no fastapi or torch
 
 EXIT_BAD_INPUT = 2
@@ -21,25 +20,8 @@ EXIT_BAD_INPUT = 2
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Third-party INFO chatter drowns our own lines.
-    for noisy in ("sentence_transformers", "httpx", "datasets", "urllib3", "huggingface_hub"):
+    for noisy in ("sentence_transformers", "httpx", "datasets", "urllib3", "huggingface_hub", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def add_train_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
-        help="dotted overrides, e.g. lora.r=16 data.path=other.jsonl train.max_steps=20 output_dir=out/x",
-    )
-    if resume:
-        parser.add_argument(
-            "--resume", action="store_true",
-            help="continue an interrupted run from its newest checkpoint (same config; sets train.resume=true)",
-        )
-        parser.add_argument(
-            "--overwrite", action="store_true",
-            help="replace an adapter already in output_dir once the new one is complete (sets overwrite_output_dir=true)",
-        )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -159,31 +141,6 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="adapter directory")
-    parser.add_argument(
-        "--split", default=None,
-        help="one of the adapter's data.splits, or 'all' (default: test, or validation when the adapter has no test split)",
-    )
-    parser.add_argument("--data", help="data file (default: the one the adapter was trained on)")
-    parser.add_argument(
-        "--allow-data-change", action="store_true",
-        help="score the training data file even if it changed since training (its sha256 differs from the "
-             "one in lexlora.json); the report says so",
-    )
-    parser.add_argument("--out", help="report dir (default: ADAPTER/eval/SPLIT)")
-    parser.add_argument("--task", choices=TASKS, default="auto",
-                        help="text: ROUGE; labels: accuracy/F1 (default: as trained, else detected)")
-    parser.add_argument("--max-rows", type=_positive_int, help="first N rows of the split only")
-    parser.add_argument("--no-base", action="store_true", help="skip the base-model comparison")
-    parser.add_argument("--bleu", action="store_true", help="also BLEU (needs sacrebleu)")
-    parser.add_argument("--base", help="base model id or path (default: the adapter's)")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    parser.add_argument("--num-beams", type=_positive_int, default=None)
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None)
-    parser.add_argument("--batch-size", type=_positive_int, default=32)
-
-
 def run_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -232,20 +189,6 @@ def run_embeddings(args: argparse.Namespace) -> int:
 # --- end lexlora embeddings ---
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
-
-
 def _parse_input(text: str):
     """A JSON object is a record (for multi-field templates); anything else is the input field."""
     stripped = text.strip()
@@ -259,126 +202,15 @@ def _parse_input(text: str):
     return text
 
 
+COMMANDS = {
+    "train": run_train, "generate": run_generate, "adapters list": run_adapters_list,
+    "adapters show": run_adapters_show, "eval": run_eval, "ablate": run_ablate, "export": run_export,
+    "serve": run_serve, "embeddings": run_embeddings,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lexlora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train_parser = sub.add_parser("train", help="train an adapter (same as scripts/train_lora.py)")
-    add_train_arguments(train_parser)
-    train_parser.set_defaults(func=run_train)
-
-    gen = sub.add_parser(
-        "generate", help='generate with an adapter: one line per input, INPUT → "OUTPUT" (the output quoted)'
-    )
-    gen.add_argument("--adapter", required=True, help="adapter directory")
-    gen.add_argument("inputs", nargs="+", metavar="TEXT", help="input field value, or a JSON record")
-    gen.add_argument("--base", help="base model id or path (default: the adapter's)")
-    gen.add_argument("--num-beams", type=int, default=None)
-    gen.add_argument("--max-new-tokens", type=int, default=None)
-    gen.add_argument("--batch-size", type=int, default=32)
-    gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
-    gen.add_argument("--json", action="store_true",
-                     help='one JSON object per line instead, {"input": ..., "output": ...} (for scripts)')
-    gen.add_argument(
-        "--allow-pickle", action="store_true",
-        help="read a pickle adapter_model.bin when there is no safetensors file (only for files you trust; "
-        "tensors only, via torch.load(weights_only=True))",
-    )
-    gen.set_defaults(func=run_generate)
-
-    adapters = sub.add_parser("adapters", help="what each adapter is: base, dataset, rank, size, metrics")
-    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
-    listing = adapters_sub.add_parser("list", help="one line per adapter dir in DIR")
-    listing.add_argument("dir", metavar="DIR", nargs="?", default="adapters", help="default: adapters")
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(func=run_adapters_list)
-    show = adapters_sub.add_parser("show", help="everything about one adapter; verifies its weights checksum")
-    show.add_argument("dir", metavar="DIR", help="adapter directory")
-    show.add_argument("--json", action="store_true", help="print JSON instead of key/value lines")
-    show.set_defaults(func=run_adapters_show)
-
-    evl = sub.add_parser("eval", help="score an adapter on a split against the base model; writes a report")
-    add_eval_arguments(evl)
-    evl.set_defaults(func=run_eval)
-
-    abl = sub.add_parser("ablate", help="train + evaluate a grid of variants of a config; one comparison table")
-    add_train_arguments(abl, resume=False)
-    abl.add_argument("--grid", action="append", metavar="KEY=V1,V2",
-                     help="an axis (repeatable); default: fusion=off,add,first,prefix and lora.r=4,8")
-    abl.add_argument("--out", default="runs/ablation", help="where the runs and the table go (default: runs/ablation)")
-    abl.add_argument(
-        "--split", default="validation",
-        help="split scored for every run (default: validation: choosing among variants is a choice made on "
-             "validation data, so the test split stays unseen until the chosen one is scored with lexlora eval)",
-    )
-    abl.add_argument("--max-rows", type=_positive_int, help="first N rows of that split only")
-    abl.add_argument("--task", choices=TASKS, default="auto")
-    abl.set_defaults(func=run_ablate)
-
-    exp = sub.add_parser("export", help="merge an adapter into its base: a standard transformers model dir, verified")
-    exp.add_argument("--adapter", required=True, help="adapter directory")
-    exp.add_argument("--out", required=True, help="export directory (refused if it exists, unless --overwrite)")
-    exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                     help="dtype of the saved weights (verified in float32 before the cast; default: float32)")
-    exp.add_argument("--inputs", nargs="+", metavar="TEXT",
-                     help="inputs (text or JSON records) to verify on (default: the adapter's validation rows, "
-                          "else a small built-in set)")
-    exp.add_argument("--max-rows", type=_positive_int, default=32, help="validation rows verified on (default: 32)")
-    exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new export is verified")
-    exp.set_defaults(func=run_export)
-
-    # The serve options' defaults are ServeSettings' (one home).
-    serve_defaults = ServeSettings()
-    srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
-    srv.set_defaults(**vars(serve_defaults))
-    srv.add_argument(
-        "--adapters", dest="adapters_dir", required=True, metavar="DIR",
-        help="dir of adapter dirs; each is loaded under its dir name",
-    )
-    srv.add_argument("--host", help="default: %(default)s (this machine only)")
-    srv.add_argument("--port", type=int, help="default: %(default)s")
-    srv.add_argument("--base", metavar="MODEL_ID", help="base model id or path (default: the first adapter's)")
-    srv.add_argument("--device", help="auto (CUDA when present, else CPU), cuda, cuda:1, cpu (default: %(default)s)")
-    srv.add_argument("--max-inputs", type=_positive_int, help="inputs per request (default: %(default)s)")
-    srv.add_argument("--max-input-chars", type=_positive_int, help="characters per input string (default: %(default)s)")
-    srv.add_argument("--max-batch-rows", type=_positive_int, help="rows per model call (default: %(default)s)")
-    srv.add_argument(
-        "--batch-wait-ms", type=float, help="how long a request waits for others to join its batch (default: %(default)s)"
-    )
-    srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body, else 413 (default: %(default)s)")
-    srv.add_argument(
-        "--body-timeout-s", type=_positive_float,
-        help="a request body must arrive within this many seconds, else 408 (default: %(default)s)",
-    )
-    srv.add_argument(
-        "--allow-pickle", action="store_true",
-        help="also load adapters in --adapters whose weights are a pickle adapter_model.bin (tensors only); "
-             "adapters loaded over HTTP stay safetensors-only",
-    )
-    srv.add_argument(
-        "--skip-invalid", action="store_true",
-        help="serve the adapters that load and list the dirs that do not (at startup and in GET /health); "
-             "default: refuse to start, naming each failing dir",
-    )
-    srv.set_defaults(func=run_serve)
-
-    emb = sub.add_parser(
-        "embeddings", help="is the lexical field embedded meaningfully? cosine figures, neighbours, t-SNE"
-    )
-    emb.add_argument("--data", help="data file (default with --adapter: the one it was trained on)")
-    emb.add_argument("--field", help="field whose text is embedded (default with --adapter: its lexical field)")
-    emb.add_argument("--adapter", metavar="DIR", help="take data, field and model from this adapter's lexlora.json")
-    emb.add_argument("--model", help="embedding model id (default: the adapter's, else all-MiniLM-L6-v2)")
-    emb.add_argument("--sample", type=_positive_int, default=500, help="distinct texts sampled (default: 500)")
-    emb.add_argument("--seed", type=int, default=0, help="sampling / t-SNE seed (default: 0)")
-    emb.add_argument("--neighbours", type=_positive_int, default=5, help="neighbours per query (default: 5)")
-    emb.add_argument("--queries", type=_positive_int, default=5, help="texts whose neighbours are listed (default: 5)")
-    emb.add_argument("--color-field", help="record field colouring the t-SNE points (default: file extension, if any)")
-    emb.add_argument(
-        "--out", help="report dir (default: ADAPTER/eval/embeddings, else runs/embeddings/<data stem>-<field>)"
-    )
-    emb.set_defaults(func=run_embeddings)
-    return parser
+    return make_parser(COMMANDS, description=__doc__)
 
 
 def _run(args: argparse.Namespace, func) -> int:
