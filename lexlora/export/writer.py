@@ -39,7 +39,7 @@ from lexlora.export.layout import (
     Verification,
     export_card,
 )
-from lexlora.fileio import _reason, make_staging_dir
+from lexlora.fileio import _reason, _umask, make_staging_dir
 from lexlora.model.generation import GenerationPipeline, RowPlan, generate_from_embeds
 from lexlora.model.loading import is_quantized
 from lexlora.model.lora_model import LexLoraModel
@@ -241,4 +241,5 @@ def _write_model(exported: ExportedModel, directory: Path, dtype: str) -> list[s
             raise AdapterError(f"weight {key} is not finite in {dtype}; nothing was exported "
                                "(--dtype bfloat16 or float32 keep a wider range)")
     save_file(state, str(weights), metadata=file_meta)
+    weights.chmod(0o666 & ~_umask())  # safetensors writes 0600; an export gets the usual permissions
     return sorted(k for k in state if k.startswith(FUSION_KEY_PREFIX))

@@ -3,6 +3,7 @@ verification that refuses a wrong merge, the refusals, and the CLI."""
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ from lexlora.adapters.format import META_NAME
 from lexlora.cli import main
 from lexlora.config import ModelConfig
 from lexlora.errors import AdapterError
-from lexlora.export import EXPORT_META_NAME, FUSION_KEY_PREFIX, export_adapter, load_export
+from lexlora.export import (
+    EXPORT_META_NAME,
+    FUSION_KEY_PREFIX,
+    export_adapter,
+    load_export,
+)
 from lexlora.model.loading import load_base_model, load_tokenizer
 from tests.conftest import ROOT, tiny_model_config
 from tests.helpers import make_model, make_model_for, perturb_, save_tiny_bert
@@ -62,6 +68,9 @@ def test_fusion_off_export_is_a_plain_transformers_model_equal_to_the_adapter(tm
     assert plain.generation_config.max_new_tokens == 6  # the adapter's recorded default
     assert load_export(out).generate_text(INPUTS) == adapter.generate_text(INPUTS)
     assert leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}["model.safetensors"] == 0o666 & ~umask
 
 
 @pytest.fixture()

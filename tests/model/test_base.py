@@ -320,3 +320,29 @@ def test_bart_derived_families_have_their_targets(model_type):
     model = get_peft_model(base, build_lora_config(LoraSettings(r=2), model_type, "tiny"))
     targeted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert targeted == {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+def test_a_warm_start_training_step_raises_no_transformers_loss_warning(tiny_dirs):
+    """EncoderDecoderModel warns on every forward with labels (its v4.12 loss change): lexlora's own
+    training call must not surface it, a T5 forward is left alone."""
+    import warnings
+
+    from lexlora.config import LoraSettings
+    from lexlora.data.spec import AdapterSpec
+    from lexlora.model.factory import build_model
+
+    config = ModelConfig(name_or_path=f"encoder-decoder:{tiny_dirs['bert']}")
+    tokenizer = load_tokenizer(config)
+    model = build_model(load_base_model(config), tokenizer, AdapterSpec("{x}", "y"), LoraSettings(r=2),
+                        base_id=config.name_or_path)
+    model.train()
+    enc = tokenizer(["backup_config"], return_tensors="pt")
+    labels = tokenizer(text_target=["a config"], return_tensors="pt").input_ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(enc["input_ids"], enc["attention_mask"], labels=labels).loss.backward()
+    assert not [w for w in caught if "v4.12.0" in str(w.message)], [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:  # the warning is real: transformers raises it directly
+        warnings.simplefilter("always")
+        model.peft_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+    assert [w for w in caught if "v4.12.0" in str(w.message)]
