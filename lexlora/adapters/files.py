@@ -104,6 +104,13 @@ def publish(staging: Path, final: str | Path, overwrite: bool) -> Path:
     return final
 
 
+def require_finite(state: dict[str, torch.Tensor], dtype: str, outcome: str, hint: str) -> None:
+    """Refuse, before anything is written, weights that overflow the dtype they are saved in."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterError(f"weight {key} is not finite in {dtype}; {outcome} ({hint})")
+
+
 def write_adapter_files(
     model: LexLoraModel,
     directory: str | Path,
@@ -125,12 +132,7 @@ def write_adapter_files(
 def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: AdapterMetadata | dict[str, Any], save_dtype: str) -> int:
     dtype = DTYPES[save_dtype]
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.trainable_state_dict().items()}
-    for key, value in state.items():
-        if not torch.isfinite(value).all():
-            raise AdapterError(
-                f"weight {key} is not finite in {save_dtype}; nothing was saved "
-                "(save_dtype=float32 keeps a wider range)"
-            )
+    require_finite(state, save_dtype, "nothing was saved", "save_dtype=float32 keeps a wider range")
     weights = directory / WEIGHTS_NAME
     save_file(state, str(weights), metadata={"format": "pt"})
     weights.chmod(0o666 & ~_umask())

@@ -26,6 +26,7 @@ from lexlora.adapters.files import (
     check_output_dir,
     load_adapter,
     publish,
+    require_finite,
 )
 from lexlora.adapters.format import META_NAME, AdapterMetadata, read_metadata
 from lexlora.data.embeddings import LexicalEncoder
@@ -236,10 +237,7 @@ def _write_model(exported: ExportedModel, directory: Path, dtype: str) -> list[s
     if exported.fusion is not None:
         for key, value in exported.fusion.state_dict().items():
             state[FUSION_KEY_PREFIX + key] = value.detach().to("cpu", torch_dtype).contiguous()
-    for key, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AdapterError(f"weight {key} is not finite in {dtype}; nothing was exported "
-                               "(--dtype bfloat16 or float32 keep a wider range)")
+    require_finite(state, dtype, "nothing was exported", "--dtype bfloat16 or float32 keep a wider range")
     save_file(state, str(weights), metadata=file_meta)
     weights.chmod(0o666 & ~_umask())  # safetensors writes 0600; an export gets the usual permissions
     return sorted(k for k in state if k.startswith(FUSION_KEY_PREFIX))

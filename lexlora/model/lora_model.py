@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from peft import (
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lexlora.config import DataConfig, GenerationSettings, LoraSettings
-from lexlora.data.prompts import PromptTemplate
+from lexlora.data.embeddings import LexicalEncoder
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, ConfigError, DataError
 from lexlora.model.families import (
@@ -38,9 +38,6 @@ from lexlora.model.generation import (
     generate_from_embeds,
 )
 from lexlora.model.loading import is_quantized
-
-if TYPE_CHECKING:
-    from lexlora.data.embeddings import LexicalEncoder
 
 
 def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, config=None) -> LoraConfig:
@@ -90,7 +87,7 @@ class LexLoraModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         spec: AdapterSpec,
         fusion: LexicalFusion | None,
-        encoder: "LexicalEncoder | None" = None,
+        encoder: LexicalEncoder | None = None,
         generation: GenerationSettings | None = None,
         max_source_length: int | None = None,
     ):
@@ -101,12 +98,12 @@ class LexLoraModel(nn.Module):
         self.lexical_fusion = fusion
         self.tokenizer = tokenizer
         self.spec = spec
-        self.template = PromptTemplate(spec.input_template)
         # Embeds raw inputs for fusion in generate_text; None: loaded by spec.embedding_model on first use.
         self.lexical_encoder = encoder
         # generate_text's defaults: the adapter's own (its lexlora.json when loaded), else the config's.
         self.generation = generation or GenerationSettings()
         self.max_source_length = max_source_length or DataConfig.max_source_length
+        self.pipeline = GenerationPipeline(tokenizer, self._encoder_for)
 
     @classmethod
     def create(
@@ -115,7 +112,7 @@ class LexLoraModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         lora_config: LoraConfig,
         spec: AdapterSpec,
-        encoder: "LexicalEncoder | None" = None,
+        encoder: LexicalEncoder | None = None,
         generation: GenerationSettings | None = None,
         max_source_length: int | None = None,
     ) -> "LexLoraModel":
@@ -273,19 +270,13 @@ class LexLoraModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._pipeline.generate(self, [plan] * len(check_input_list(inputs)), inputs, batch_size=batch_size, **generate_kwargs)
+            return self.pipeline.generate(self, [plan] * len(check_input_list(inputs)), inputs, batch_size=batch_size, **generate_kwargs)
         finally:
             self.train(was_training)
 
-    @property
-    def _pipeline(self) -> GenerationPipeline:
-        return GenerationPipeline(self.tokenizer, self._encoder_for)
-
-    def _encoder_for(self, model_id: str) -> "LexicalEncoder":
+    def _encoder_for(self, model_id: str) -> LexicalEncoder:
         # The run's encoder when one was given (its cache and batch size), else one by id on first use.
         if self.lexical_encoder is None or self.lexical_encoder.model_id != model_id:
-            from lexlora.data.embeddings import LexicalEncoder
-
             self.lexical_encoder = LexicalEncoder(model_id, device=self.peft_model.device)
         return self.lexical_encoder
 

@@ -53,7 +53,7 @@ def card_samples(model: LexLoraModel, split: EncodedSplit | None, cfg: Config) -
         records, max_source_length=cfg.data.max_source_length,
         max_new_tokens=cfg.generation.max_new_tokens, num_beams=cfg.generation.num_beams,
     )
-    shown = model.spec.lexical_field or model.template.fields[0]
+    shown = model.spec.lexical_field or model.spec.template.fields[0]
     return [
         {"input": r[shown], "reference": r[cfg.data.target_field], "output": o}
         for r, o in zip(records, outputs)

@@ -293,3 +293,14 @@ def test_opting_in_to_pickle_still_never_runs_code(pristine, tmp_path, tiny_base
     (path / "adapter_model.bin").write_bytes(b"\x00garbage")
     with pytest.raises(AdapterError, match=r"adapter_model\.bin: not a readable torch weights file"):
         load_adapter(path, base=tiny_base, allow_pickle=True)
+
+
+def test_weights_that_overflow_the_save_dtype_are_refused_before_anything_is_written(tmp_path, tiny_base, tokenizer):
+    model = make_model(tiny_base, tokenizer)
+    with torch.no_grad():
+        model.lexical_fusion.proj.weight[0, 0] = 1e6  # finite in float32, inf in float16
+    with pytest.raises(AdapterError, match=r"weight lexical_fusion\.proj\.weight is not finite in float16; nothing "
+                                           r"was saved \(save_dtype=float32 keeps a wider range\)"):
+        save_adapter(model, tmp_path / "adapter", {"base": {}}, save_dtype="float16")
+    assert list(tmp_path.iterdir()) == []
+    save_adapter(model, tmp_path / "adapter", {"base": fingerprint(tiny_base, tiny_model_config())}, save_dtype="float32")
