@@ -19,7 +19,12 @@ from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError
 from lexlora.export.layout import FUSION_KEY_PREFIX, MODEL_WEIGHTS_NAME, ExportMetadata
 from lexlora.model.fusion import LexicalFusion, encoder_input_width
-from lexlora.model.generation import GenerationPipeline, RowPlan, check_input_list
+from lexlora.model.generation import (
+    GenerationPipeline,
+    RowPlan,
+    check_input_list,
+    encoder_for_id,
+)
 
 
 class ExportedModel:
@@ -34,6 +39,7 @@ class ExportedModel:
         self.fusion = fusion
         self.max_new_tokens, self.num_beams, self.max_source_length = max_new_tokens, num_beams, max_source_length
         self.lexical_encoder: LexicalEncoder | None = None  # loaded by spec.embedding_model on first use
+        self.pipeline = GenerationPipeline(tokenizer, self._encoder_for)
 
     @property
     def uses_fusion(self) -> bool:
@@ -60,13 +66,8 @@ class ExportedModel:
         return RowPlan(spec=self.spec, max_source_length=max_source_length or self.max_source_length,
                        max_new_tokens=max_new_tokens or self.max_new_tokens, num_beams=num_beams or self.num_beams)
 
-    @property
-    def pipeline(self) -> GenerationPipeline:
-        return GenerationPipeline(self.tokenizer, self._encoder_for)
-
     def _encoder_for(self, model_id: str) -> LexicalEncoder:
-        if self.lexical_encoder is None or self.lexical_encoder.model_id != model_id:
-            self.lexical_encoder = LexicalEncoder(model_id, device=self.seq2seq.device)
+        self.lexical_encoder = encoder_for_id(self.lexical_encoder, model_id, self.seq2seq.device)
         return self.lexical_encoder
 
     @torch.no_grad()

@@ -29,7 +29,6 @@ from lexlora.adapters.files import (
     require_finite,
 )
 from lexlora.adapters.format import META_NAME, AdapterMetadata, read_metadata
-from lexlora.data.embeddings import LexicalEncoder
 from lexlora.errors import AdapterError, ConfigError, DataError, ModelLoadError
 from lexlora.export.exported import ExportedModel, open_export
 from lexlora.export.layout import (
@@ -41,7 +40,7 @@ from lexlora.export.layout import (
     export_card,
 )
 from lexlora.fileio import _reason, _umask, make_staging_dir
-from lexlora.model.generation import GenerationPipeline, RowPlan, generate_from_embeds
+from lexlora.model.generation import RowPlan, generate_from_embeds
 from lexlora.model.loading import is_quantized
 from lexlora.model.lora_model import LexLoraModel
 from lexlora.version import __version__
@@ -183,8 +182,7 @@ class Checker:
     the logits of the adapter's greedy outputs under teacher forcing."""
 
     def __init__(self, model: LexLoraModel, rows: list[dict[str, str]], max_new_tokens: int, batch_size: int = 16):
-        encoders: dict[str, LexicalEncoder] = {}
-        self.pipeline = GenerationPipeline(model.tokenizer, lambda mid: encoders.setdefault(mid, LexicalEncoder(mid)))
+        self.pipeline = model.pipeline  # the adapter's own: its tokenizer and lexical encoder
         plan = RowPlan(spec=model.spec, max_source_length=model.max_source_length, max_new_tokens=max_new_tokens,
                        num_beams=1)
         self.plans, self.rows, self.batch_size = [plan] * len(rows), rows, batch_size

@@ -116,6 +116,14 @@ class GenerationPipeline:
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+def encoder_for_id(current: LexicalEncoder | None, model_id: str, device: Any) -> LexicalEncoder:
+    """A one-adapter model's lexical encoder: `current` when it embeds with `model_id` (a run's own,
+    with its cache and batch size), else a new one by id (its model loads on first use)."""
+    if current is not None and current.model_id == model_id:
+        return current
+    return LexicalEncoder(model_id, device=device)
+
+
 def check_input_list(inputs: Any) -> Sequence[str | Mapping[str, str]]:
     """A list of inputs, not one (a lone string would otherwise run as one row per character)."""
     if isinstance(inputs, (str, Mapping)):

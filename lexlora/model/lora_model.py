@@ -35,6 +35,7 @@ from lexlora.model.generation import (
     GenerationPipeline,
     RowPlan,
     check_input_list,
+    encoder_for_id,
     generate_from_embeds,
 )
 from lexlora.model.loading import is_quantized
@@ -276,8 +277,7 @@ class LexLoraModel(nn.Module):
 
     def _encoder_for(self, model_id: str) -> LexicalEncoder:
         # The run's encoder when one was given (its cache and batch size), else one by id on first use.
-        if self.lexical_encoder is None or self.lexical_encoder.model_id != model_id:
-            self.lexical_encoder = LexicalEncoder(model_id, device=self.peft_model.device)
+        self.lexical_encoder = encoder_for_id(self.lexical_encoder, model_id, self.peft_model.device)
         return self.lexical_encoder
 
     # The generation Backend protocol: this model's own LoRA (PEFT) and fusion for every row.
