@@ -67,9 +67,9 @@ def make_staging_dir(final: str | Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=staging_prefix(final), dir=final.parent))
     except OSError as exc:
-        raise AdapterError(f"cannot create a dir beside {final} to write the adapter in ({_reason(exc)})") from None
+        raise AdapterError(f"cannot create a dir beside {final} to write the adapter in ({os_reason(exc)})") from None
     # mkdtemp makes it private (0700); an adapter dir gets the usual permissions.
-    staging.chmod(0o777 & ~_umask())
+    staging.chmod(0o777 & ~current_umask())
     return staging
 
 
@@ -86,11 +86,11 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)

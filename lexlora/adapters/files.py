@@ -47,7 +47,7 @@ from lexlora.adapters.format import (
 from lexlora.config import FUSION_MODES, SAVE_DTYPES, ModelConfig
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, ConfigError
-from lexlora.fileio import _reason, _umask, file_sha256, make_staging_dir
+from lexlora.fileio import current_umask, file_sha256, make_staging_dir, os_reason
 from lexlora.model.fusion import FUSION_PREFIX
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.model.lora_model import LexLoraModel
@@ -99,7 +99,7 @@ def publish(staging: Path, final: str | Path, overwrite: bool) -> Path:
             os.replace(staging, final)
     except OSError as exc:
         raise AdapterError(
-            f"cannot move the new adapter into {final} ({_reason(exc)}); what was at {final} is unchanged"
+            f"cannot move the new adapter into {final} ({os_reason(exc)}); what was at {final} is unchanged"
         ) from None
     return final
 
@@ -124,7 +124,7 @@ def write_adapter_files(
         return _write_adapter_files(model, Path(directory), metadata, save_dtype)
     except OSError as exc:
         raise AdapterError(
-            f"cannot write the adapter files into {directory} ({_reason(exc)}); nothing was published, and an "
+            f"cannot write the adapter files into {directory} ({os_reason(exc)}); nothing was published, and an "
             "adapter already in the output dir is unchanged"
         ) from None
 
@@ -135,7 +135,7 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: Adapter
     require_finite(state, save_dtype, "nothing was saved", "save_dtype=float32 keeps a wider range")
     weights = directory / WEIGHTS_NAME
     save_file(state, str(weights), metadata={"format": "pt"})
-    weights.chmod(0o666 & ~_umask())
+    weights.chmod(0o666 & ~current_umask())
     lora_config = model.peft_model.peft_config["default"]
     lora_config.save_pretrained(str(directory))
     sections = metadata.to_dict() if isinstance(metadata, AdapterMetadata) else dict(metadata)

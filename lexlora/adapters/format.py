@@ -17,7 +17,6 @@ from typing import Any
 
 from lexlora.config import DataConfig, GenerationSettings
 from lexlora.errors import AdapterError
-from lexlora.fileio import file_sha256  # noqa: F401  (re-exported: the adapter format's checksum)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"  # what PEFT wrote before safetensors; read only on request

@@ -39,7 +39,7 @@ from lexlora.export.layout import (
     Verification,
     export_card,
 )
-from lexlora.fileio import _reason, _umask, make_staging_dir
+from lexlora.fileio import current_umask, make_staging_dir, os_reason
 from lexlora.model.generation import RowPlan, generate_from_embeds
 from lexlora.model.loading import is_quantized
 from lexlora.model.lora_model import LexLoraModel
@@ -108,7 +108,7 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str = "fl
         (staging / "README.md").write_text(export_card(export_meta, out.name))
         publish(staging, out, overwrite)
     except OSError as exc:
-        raise AdapterError(f"cannot write the export into {staging} ({_reason(exc)}); nothing was published") from None
+        raise AdapterError(f"cannot write the export into {staging} ({os_reason(exc)}); nothing was published") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
     logger.info("exported %s to %s (%s; %s)", adapter_dir, out, dtype, source)
@@ -237,5 +237,5 @@ def _write_model(exported: ExportedModel, directory: Path, dtype: str) -> list[s
             state[FUSION_KEY_PREFIX + key] = value.detach().to("cpu", torch_dtype).contiguous()
     require_finite(state, dtype, "nothing was exported", "--dtype bfloat16 or float32 keep a wider range")
     save_file(state, str(weights), metadata=file_meta)
-    weights.chmod(0o666 & ~_umask())  # safetensors writes 0600; an export gets the usual permissions
+    weights.chmod(0o666 & ~current_umask())  # safetensors writes 0600; an export gets the usual permissions
     return sorted(k for k in state if k.startswith(FUSION_KEY_PREFIX))

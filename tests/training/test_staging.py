@@ -25,7 +25,7 @@ def test_a_staging_dir_is_recognised_as_its_final_names_and_its_failed_name_is_n
     failed = failed_name(staging)
     assert failed.parent == tmp_path and failed.name == staging.name.replace(".tmp-", ".failed-")
     assert not is_staging_of(failed, final)
-    assert staging.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert staging.stat().st_mode & 0o777 == 0o777 & ~current_umask()
 
 
 def test_a_shared_staging_path_has_no_random_part(tmp_path):
@@ -50,7 +50,7 @@ def test_atomic_write_text_replaces_the_file_whole_and_leaves_nothing_beside_it(
     assert path.read_text() == "two\n" and [p.name for p in tmp_path.iterdir()] == ["ablation.md"]
 
 
-def _umask():
+def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
