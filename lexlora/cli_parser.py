@@ -154,9 +154,19 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
     srv.add_argument("--device", help="auto (CUDA when present, else CPU), cuda, cuda:1, cpu (default: %(default)s)")
     srv.add_argument("--max-inputs", type=_positive_int, help="inputs per request (default: %(default)s)")
     srv.add_argument("--max-input-chars", type=_positive_int, help="characters per input string (default: %(default)s)")
-    srv.add_argument("--max-batch-rows", type=_positive_int, help="rows per model call (default: %(default)s)")
+    srv.add_argument("--max-batch-rows", type=_positive_int, help="rows decoding at once (default: %(default)s)")
     srv.add_argument(
-        "--batch-wait-ms", type=float, help="how long a request waits for others to join its batch (default: %(default)s)"
+        "--engine", choices=("continuous", "static"),
+        help="continuous: requests join the running batch at every decoder step (T5 bases; others fall back to "
+             "static); static: one batch at a time, as before (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--max-queue", type=_positive_int,
+        help="requests waiting for a slot; beyond it a request gets 503 with Retry-After (default: %(default)s)",
+    )
+    srv.add_argument(
+        "--batch-wait-ms", type=float,
+        help="static engine: how long a request waits for others to join its batch (default: %(default)s)",
     )
     srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body, else 413 (default: %(default)s)")
     srv.add_argument(

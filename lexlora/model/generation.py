@@ -77,16 +77,24 @@ class GenerationPipeline:
                 vectors[row] = vector
         return vectors
 
+    def token_ids(self, plans: Sequence[RowPlan], records: Sequence[dict[str, str]]) -> list[list[int]]:
+        """Each row's prompt as token ids, truncated to its own adapter's source length."""
+        return [
+            self.tokenizer(p.spec.template.format(r), truncation=True, max_length=p.max_source_length)["input_ids"]
+            for p, r in zip(plans, records)
+        ]
+
+    def embed_ids(self, backend: Backend, plans: Sequence[RowPlan], ids: Sequence[Sequence[int]],
+                  lexical: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids padded together and embedded with each row's fusion."""
+        enc = self.tokenizer.pad([{"input_ids": list(i)} for i in ids], return_tensors="pt").to(_device(backend.seq2seq))
+        return backend.fused_inputs(plans, enc["input_ids"], enc["attention_mask"], lexical)
+
     def encoder_inputs(self, backend: Backend, plans: Sequence[RowPlan], records: Sequence[dict[str, str]],
                        lexical: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids, each row truncated to its own adapter's source length then padded together,
         embedded with each row's fusion."""
-        features = [
-            {"input_ids": self.tokenizer(p.spec.template.format(r), truncation=True, max_length=p.max_source_length)["input_ids"]}
-            for p, r in zip(plans, records)
-        ]
-        enc = self.tokenizer.pad(features, return_tensors="pt").to(_device(backend.seq2seq))
-        return backend.fused_inputs(plans, enc["input_ids"], enc["attention_mask"], lexical)
+        return self.embed_ids(backend, plans, self.token_ids(plans, records), lexical)
 
     # ---- the whole path -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,8 +8,11 @@ many adapters).
     curl -X POST localhost:8000/adapters -d '{"name": "file-type"}'      # load adapters/file-type
     curl -X DELETE localhost:8000/adapters/file-type
 
-A request passes `BodyLimits` (limits.py), is parsed and checked (schemas.py), then queued for the
-`Batcher` (batcher.py), which runs it with whatever else is queued as one mixed-adapter batch.
+A request passes `BodyLimits` (limits.py), is parsed and checked (schemas.py), then submitted to
+the `Engine` (engine.py), which decodes it alongside whatever else is running, joining at the next
+decoder step; `--engine static` (or a base the engine cannot run) uses the `Batcher` (batcher.py)
+instead, one mixed-adapter batch at a time. A full queue answers 503 with Retry-After at once; a
+client that disconnects frees its rows at the next step.
 Clients only ever name adapters; paths are never taken from a request. OpenAPI schema at
 /openapi.json, docs at /docs.
 """
@@ -27,7 +30,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lexlora.errors import AdapterError, DataError, LexloraError, RequestError
-from lexlora.serving.batcher import Batcher, Job, ShuttingDown
+from lexlora.serving.batcher import Batcher, Job
+from lexlora.serving.engine import Engine, EngineRequest, GenerationFailed, QueueFull, ShuttingDown
+from lexlora.serving.running import engine_supports
 from lexlora.serving.limits import BodyLimits
 from lexlora.serving.registry import LexLoRA
 from lexlora.serving.schemas import (
@@ -58,13 +63,13 @@ def create_app(
     `skipped` (dir name -> why it failed to load at startup) is reported by GET /health."""
     settings = settings or ServeSettings()
     adapters_dir = Path(adapters_dir)
-    batcher = Batcher(registry, max_rows=settings.max_batch_rows, wait_s=settings.batch_wait_ms / 1000)
+    worker = make_worker(registry, settings)
     skipped = dict(skipped or {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        batcher.close()
+        worker.close()
 
     app = FastAPI(
         title="lexlora",
@@ -74,7 +79,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.registry = registry
-    app.state.batcher = batcher
+    app.state.worker = worker
+    app.state.batcher = worker  # the name before the engine existed
     app.state.settings = settings
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
 
@@ -102,7 +108,10 @@ def create_app(
     def health() -> Health:
         # An adapter fixed and loaded over HTTP since startup is no longer missing.
         still = [SkippedAdapter(name=n, reason=r) for n, r in skipped.items() if n not in registry]
-        return Health(status="ok", adapters=len(registry), pending=batcher.pending, skipped=still, **batcher.stats)
+        stats = worker.stats
+        return Health(status="ok", adapters=len(registry), engine=worker.name, pending=worker.pending,
+                      active_rows=worker.active_rows, batches=stats["batches"], rows=stats["rows"],
+                      mixed_batches=stats["mixed_batches"], skipped=still)
 
     @app.get("/adapters", response_model=AdapterList)
     def list_adapters() -> dict[str, Any]:
@@ -114,7 +123,7 @@ def create_app(
         path = resolve_adapter_dir(adapters_dir, request.name)
         if not path.is_dir():
             raise HTTPException(404, f"no adapter dir named {request.name!r} in {adapters_dir}")
-        with batcher.lock:
+        with worker.paused():
             if request.name in registry:
                 raise HTTPException(409, f"an adapter named {request.name!r} is already loaded")
             try:
@@ -126,7 +135,7 @@ def create_app(
 
     @app.delete("/adapters/{name}", response_model=DeleteResponse, responses=error_responses(404))
     def delete_adapter(name: str) -> DeleteResponse:
-        with batcher.lock:
+        with worker.paused():
             if name not in registry:
                 raise HTTPException(404, f"no adapter named {name!r} is loaded")
             registry.delete_adapter(name)
@@ -141,7 +150,7 @@ def create_app(
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
     )
-    async def generate(http: Request) -> GenerateResponse:
+    async def generate(http: Request) -> Any:
         request = parse_generate_request(await http.body(), settings, http.headers.get("content-type"))
         # Validated here, not in the worker, so a bad request fails alone instead of its batch.
         loaded = registry.adapters.get(request.adapter)
@@ -151,17 +160,29 @@ def create_app(
         try:
             for index, item in enumerate(request.inputs):
                 loaded.spec.format_input(item, index)
+            params = request.sampling()
         except DataError as exc:
             raise HTTPException(422, str(exc)) from None
-        job = Job(request.adapter, list(request.inputs), request.max_new_tokens, request.num_beams)
         try:
-            outputs = await asyncio.wrap_future(batcher.submit(job))
+            if isinstance(worker, Engine):
+                outputs = await _wait(http, worker.submit(request.adapter, list(request.inputs), params))
+            else:
+                if request.uses_engine_only_options:
+                    raise HTTPException(422, f"{', '.join(request.uses_engine_only_options)}: not available with "
+                                             "the static engine (lexlora serve --engine continuous)")
+                job = Job(request.adapter, list(request.inputs), request.max_new_tokens, request.num_beams)
+                outputs = await asyncio.wrap_future(worker.submit(job))
+        except QueueFull as exc:
+            return JSONResponse(status_code=503, content={"detail": str(exc)},
+                                headers={"Retry-After": str(exc.retry_after_s)})
         except AdapterError as exc:  # unloaded while queued
             raise HTTPException(404, str(exc)) from None
         except DataError as exc:  # replaced by an adapter with other input fields while queued
             raise HTTPException(422, str(exc)) from None
         except ShuttingDown as exc:
             raise HTTPException(503, str(exc)) from None
+        except GenerationFailed as exc:
+            raise HTTPException(500, str(exc)) from None
         return GenerateResponse(outputs=outputs)
 
     default_openapi = app.openapi
@@ -175,3 +196,25 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def make_worker(registry: LexLoRA, settings: ServeSettings) -> Engine | Batcher:
+    """The continuous engine, unless asked for the static batcher or the base is one it cannot run."""
+    if settings.engine == "continuous":
+        why = engine_supports(registry)
+        if why is None:
+            return Engine(registry, max_rows=settings.max_batch_rows, max_queue=settings.max_queue)
+        logger.warning("serving with the static batcher: %s", why)
+    return Batcher(registry, max_rows=settings.max_batch_rows, wait_s=settings.batch_wait_ms / 1000)
+
+
+async def _wait(http: Request, request: EngineRequest) -> list[str]:
+    """The request's outputs; if the client disconnects first, its rows are dropped at the next step."""
+    future = asyncio.wrap_future(request.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return future.result()
+        if await http.is_disconnected():
+            request.cancel()
+            raise HTTPException(499, "the client disconnected")

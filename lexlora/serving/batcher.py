@@ -1,4 +1,5 @@
-"""The worker behind `POST /generate`: requests queue up, and one thread that owns the model runs
+"""The static worker behind `POST /generate` (`lexlora serve --engine static`; the default is the
+continuous engine, engine.py): requests queue up, and one thread that owns the model runs
 whatever is queued when it is free as ONE mixed-adapter batch, so concurrent requests for different
 adapters share a forward pass instead of waiting for each other. If a mixed batch fails, each of its
 requests is retried alone, so only the one at fault gets the error."""
@@ -8,17 +9,15 @@ import concurrent.futures
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from lexlora.errors import AdapterError, DataError
+from lexlora.serving.engine import ShuttingDown
 from lexlora.serving.registry import LexLoRA
 
 logger = logging.getLogger(__name__)
-
-
-class ShuttingDown(RuntimeError):
-    """The batcher is closed: the request was not run."""
 
 
 @dataclass
@@ -51,10 +50,19 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="lexlora-batcher", daemon=True)
         self._thread.start()
 
+    name = "static"
+    active_rows = 0  # reported by /health; rows run inside one call, never between calls
+
     @property
     def pending(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    @contextmanager
+    def paused(self):
+        """No batch runs within this block (the same as holding `lock`)."""
+        with self.lock:
+            yield
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._cond:

@@ -301,11 +301,13 @@ class LoraRouter:
         return hook
 
     @contextmanager
-    def route(self, rows: Sequence[LoraWeights | None]) -> Iterator[None]:
-        """Within this block, row i of every forward uses `rows[i]` (None: the base alone)."""
+    def route(self, rows: Sequence[LoraWeights | None] | Route) -> Iterator[None]:
+        """Within this block, row i of every forward uses `rows[i]` (None: the base alone). A `Route`
+        built earlier may be passed instead, so a caller running many steps over the same rows (the
+        serving engine) builds its stacked weights once."""
         if self._route is not None:
             raise RuntimeError("LoraRouter.route is not reentrant")
-        self._route = Route(rows)
+        self._route = rows if isinstance(rows, Route) else Route(rows)
         try:
             yield
         finally:

@@ -16,6 +16,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lexlora.errors import AdapterError, RequestError
+from lexlora.serving.decoding import SamplingParams
 from lexlora.serving.registry import MAX_ADAPTER_NAME, check_adapter_name
 from lexlora.serving.settings import ServeSettings
 
@@ -23,6 +24,8 @@ from lexlora.serving.settings import ServeSettings
 # (and so every other client) for minutes.
 MAX_NEW_TOKENS = 512
 MAX_BEAMS = 8
+MAX_STOP = 4  # stop strings per request (OpenAI's limit), each at most MAX_STOP_CHARS
+MAX_STOP_CHARS = 64
 
 
 class GenerateRequest(BaseModel):
@@ -36,6 +39,29 @@ class GenerateRequest(BaseModel):
     )
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="default: the adapter's")
     num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS, description="default: the adapter's")
+    min_new_tokens: int = Field(0, ge=0, le=MAX_NEW_TOKENS, description="the end token is blocked until this many")
+    do_sample: bool = Field(False, description="sample instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature")
+    top_k: int | None = Field(None, ge=0, description="keep the k likeliest tokens (0 or null: all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the likeliest tokens up to this mass")
+    repetition_penalty: float = Field(1.0, gt=0, le=100, description="as transformers' repetition_penalty")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="a sampled request's seed: the same seed, the same output")
+    stop: list[str] = Field([], max_length=MAX_STOP, description="the output ends before the first of these strings")
+
+    def sampling(self) -> "SamplingParams":
+        """The decoding settings the engine runs (DataError if they do not go together)."""
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, num_beams=self.num_beams,
+            do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, seed=self.seed, stop=tuple(self.stop),
+        )
+
+    @property
+    def uses_engine_only_options(self) -> list[str]:
+        """Options the static batcher cannot honour (it runs greedy or beam search only)."""
+        defaults = GenerateRequest.model_fields
+        names = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+        return [n for n in names if getattr(self, n) != defaults[n].default]
 
 
 class GenerateResponse(BaseModel):
@@ -82,8 +108,10 @@ class SkippedAdapter(BaseModel):
 class Health(BaseModel):
     status: str
     adapters: int
-    pending: int = Field(description="requests queued for the next batch")
-    batches: int = Field(description="model calls made (each may mix adapters)")
+    engine: str = Field(description="continuous (rows join and leave at every decoder step) or static")
+    pending: int = Field(description="requests waiting for a slot")
+    active_rows: int = Field(0, description="rows decoding now")
+    batches: int = Field(description="decoder steps (continuous) or model calls (static) made; each may mix adapters")
     rows: int = Field(description="inputs generated")
     mixed_batches: int = Field(description="model calls that mixed two or more adapters")
     skipped: list[SkippedAdapter] = Field(
@@ -170,6 +198,9 @@ def parse_generate_request(
     except AdapterError as exc:
         raise RequestError(f"adapter: {exc}", 422) from None
     check_inputs(request.inputs, settings)
+    for index, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise RequestError(f"stop.{index}: a stop string needs 1 to {MAX_STOP_CHARS} characters, got {len(stop)}", 422)
     return request
 
 

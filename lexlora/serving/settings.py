@@ -18,8 +18,10 @@ class ServeSettings:
     # Limits on each request.
     max_inputs: int = 64  # inputs per request
     max_input_chars: int = 1000  # per string (an input, or a record's field)
-    max_batch_rows: int = 32  # rows per model call
-    batch_wait_ms: float = 5.0  # how long the first queued request waits for others to join its batch
+    max_batch_rows: int = 32  # rows decoding at once (the engine's slots; the static batcher's batch)
+    batch_wait_ms: float = 5.0  # static batcher only: how long a request waits for others to join its batch
+    engine: str = "continuous"  # "continuous": rows join and leave every step; "static": one batch at a time
+    max_queue: int = 256  # requests waiting for a slot; beyond it, 503 with Retry-After at once
     max_body_bytes: int = 4 << 20  # request body; 64 inputs of 1000 characters take at most ~400 KB
     body_timeout_s: float = 30.0  # a request body must arrive within this time of its first byte
 

@@ -3,6 +3,7 @@ uvicorn, and stdlib calls to it. A test module takes the fixtures by assigning t
 (`adapters = served.adapters`), which pytest collects like fixtures defined there."""
 
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -95,6 +96,16 @@ def server(adapters):
     app = create_app(registry, root, SETTINGS)
     with running(app) as url:
         assert_still_serving(url, registry)  # warm: the first call loads the embedding model
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def static_server(adapters):
+    """The same app with `--engine static` (the batcher)."""
+    root, _, registry = adapters
+    app = create_app(registry, root, dataclasses.replace(SETTINGS, engine="static"))
+    with running(app) as url:
+        assert_still_serving(url, registry)
         yield url, app
 
 

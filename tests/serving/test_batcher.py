@@ -1,4 +1,4 @@
-"""The `Batcher` behind POST /generate, driven through the app (which maps its errors to statuses):
+"""The static `Batcher` behind POST /generate (lexlora serve --engine static), driven through the app (which maps its errors to statuses):
 queued requests for different adapters run as one mixed batch, and a request whose adapter went
 away or whose rows break the batch fails alone. Holding `batcher.lock` makes requests queue up."""
 
@@ -13,7 +13,7 @@ from tests.serving.served import (
     wait_pending,
 )
 
-adapters, server = served.adapters, served.server
+adapters, server = served.adapters, served.static_server  # `server` here is the static one
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(server, adapters, monkeypatch):

@@ -1,0 +1,412 @@
+"""`Engine`: iteration-level (continuous) batching of many adapters on one seq2seq base.
+
+    submit()      a request joins a bounded queue (QueueFull at once when it is full)
+    prep thread   formats, tokenizes and embeds the lexical fields of what was submitted, batched
+                  and cached by the registry's encoders, off the decode loop's critical path
+    engine loop   owns the model; each iteration it
+                    1. drops rows whose client went away or whose adapter was unloaded
+                    2. admits prepared rows into free slots (a row and token budget): the encoder once
+                       for the newcomers, then their first decoder step (RunningBatch.admit)
+                    3. runs one decoder step for every active row, each with its own adapter
+                    4. retires rows that finished (end token, max_new_tokens, a stop string) and
+                       answers a request as soon as its last row is done
+
+A request never waits for a whole batch: it joins at the next iteration. Beam search
+(num_beams > 1) keeps the static path: its rows run as one `generate` call between two steps.
+Per-token callbacks (`on_token`) let a request stream its text as it is produced.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from lexlora.errors import AdapterError, ConfigError, DataError
+from lexlora.model.generation import generate_from_embeds
+from lexlora.serving.decoding import SamplingParams, TextTracker
+from lexlora.serving.registry import LexLoRA
+from lexlora.serving.running import Row, RunningBatch, engine_supports
+
+logger = logging.getLogger(__name__)
+
+TokenCallback = Callable[[int, int, str], None]  # (input index, token id, new text); may get "" mid-word
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is closed: the request was not run (HTTP 503)."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; retry after `retry_after_s` (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationFailed(RuntimeError):
+    """A step failed for this request's rows (HTTP 500 with the message)."""
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    adapter: str
+    inputs: list[Any]
+    params: SamplingParams
+    on_token: TokenCallback | None = None
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    queued_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    cancelled: bool = False
+    outputs: list[str | None] = field(default_factory=list)
+    remaining: int = 0
+    waiting: bool = True  # counts against the queue bound until its first row runs or it ends
+
+    def cancel(self) -> None:
+        """The client went away: its rows are dropped at the next step, freeing their slots."""
+        self.cancelled = True
+        self.future.cancel()
+
+
+class Engine:
+    """One loop owning the model, `max_rows` rows decoding at once, at most `max_queue` requests waiting."""
+
+    name = "continuous"
+
+    def __init__(self, registry: LexLoRA, *, max_rows: int = 32, max_queue: int = 256, max_prefill_tokens: int = 2048):
+        why = engine_supports(registry)
+        if why:
+            raise ConfigError(why)
+        self.registry = registry
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.batch = RunningBatch(registry, max_rows)
+        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "admitted": 0, "occupancy": 0}
+        self._cond = threading.Condition()
+        self._incoming: collections.deque[EngineRequest] = collections.deque()
+        self._ready: collections.deque[Row] = collections.deque()
+        self._waiting = 0  # requests submitted and not yet admitted (the queue bound)
+        self._pauses = 0
+        self._busy = False
+        self._closed = False
+        self._abort = False
+        self._prep = threading.Thread(target=self._prepare_loop, name="lexlora-engine-prep", daemon=True)
+        self._loop = threading.Thread(target=self._engine_loop, name="lexlora-engine", daemon=True)
+        self._prep.start()
+        self._loop.start()
+
+    # ---- the public side ------------------------------------------------------------------------------
+    def submit(self, adapter: str, inputs: Sequence[Any], params: SamplingParams | None = None,
+               on_token: TokenCallback | None = None) -> EngineRequest:
+        """Queue a request; its `future` gets the outputs (one per input). QueueFull when
+        `max_queue` requests are already waiting, ShuttingDown once closed."""
+        request = EngineRequest(adapter, list(inputs), params or SamplingParams(), on_token)
+        request.outputs, request.remaining = [None] * len(request.inputs), len(request.inputs)
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are waiting (at most {self.max_queue}); retry shortly",
+                                retry_after_s=1)
+            self._waiting += 1
+            self._incoming.append(request)
+            self._cond.notify_all()
+        if not request.inputs:
+            self._finish(request)
+        return request
+
+    def generate(self, adapter: str, inputs: Sequence[Any], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> list[str]:
+        """Submit and wait (for callers in other threads than the engine's)."""
+        return self.submit(adapter, inputs, params).future.result(timeout)
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet decoding."""
+        with self._cond:
+            return self._waiting
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.batch.rows)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No step runs within this block (it starts once the current step ends): for loading and
+        unloading adapters, and for tests that need requests to pile up."""
+        with self._cond:
+            self._pauses += 1
+            while self._busy:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pauses -= 1
+                self._cond.notify_all()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop taking requests; finish what was queued or is decoding within `timeout`, then fail the
+        rest with ShuttingDown."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._prep.join(timeout)
+        self._loop.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+        if self._loop.is_alive():
+            with self._cond:
+                self._abort = True
+                self._cond.notify_all()
+            self._loop.join(5)
+
+    # ---- the prep thread ----------------------------------------------------------------------------
+    def _prepare_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._incoming and not self._closed:
+                    self._cond.wait()
+                if not self._incoming:
+                    return
+                requests = list(self._incoming)
+                self._incoming.clear()
+            rows = self._prepare(requests)
+            with self._cond:
+                self._ready.extend(rows)
+                self._cond.notify_all()
+
+    def _prepare(self, requests: list[EngineRequest]) -> list[Row]:
+        """Rows for each request (a request whose adapter or inputs are bad fails alone), with their
+        lexical vectors embedded together: one encode per embedding model for everything that came in."""
+        adapters = self.registry.adapters
+        rows: list[Row] = []
+        for request in requests:
+            try:
+                rows.extend(self._rows_of(request, adapters))
+            except (AdapterError, DataError) as exc:
+                self._fail(request, exc)
+        try:
+            self._embed(rows)
+        except Exception:
+            # One request's text may be what failed: embed each request alone so only it fails.
+            kept = []
+            for request in {id(r.request): r.request for r in rows}.values():
+                own = [r for r in rows if r.request is request]
+                try:
+                    self._embed(own)
+                    kept.extend(own)
+                except Exception as exc:
+                    logger.exception("embedding the lexical fields failed")
+                    self._fail(request, GenerationFailed(f"embedding the lexical field failed ({type(exc).__name__}: {exc})"))
+            rows = kept
+        return rows
+
+    def _rows_of(self, request: EngineRequest, adapters: dict) -> list[Row]:
+        loaded = adapters.get(request.adapter)
+        if loaded is None:
+            names = ", ".join(sorted(adapters)) or "none"
+            raise AdapterError(f"no adapter named {request.adapter!r} is loaded (loaded: {names})")
+        params = request.params
+        plan = loaded.plan(params.max_new_tokens, params.num_beams)
+        records = [loaded.spec.format_input(item, i) for i, item in enumerate(request.inputs)]
+        ids = self.registry.pipeline.token_ids([plan] * len(records), records)
+        return [
+            Row(request, i, plan, row_ids, None, params, TextTracker(self.registry.tokenizer, params.stop),
+                plan.max_new_tokens, record=record)
+            for i, (row_ids, record) in enumerate(zip(ids, records))
+        ]
+
+    def _embed(self, rows: list[Row]) -> None:
+        vectors = self.registry.pipeline.lexical(self.registry, [r.plan for r in rows], [r.record for r in rows])
+        for row, vector in zip(rows, vectors):
+            row.lexical = vector
+
+    # ---- the engine loop ----------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        while self._next_iteration():
+            try:
+                self._iterate()
+            except Exception:  # the loop outlives anything one iteration does
+                logger.exception("engine iteration failed")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        self._fail_everything(ShuttingDown("the server is shutting down"))
+
+    def _next_iteration(self) -> bool:
+        """Wait until there is work and no pause; False once closed and drained (or aborted)."""
+        with self._cond:
+            while not self._abort:
+                work = bool(self._ready or self.batch.rows)
+                if work and not self._pauses:
+                    self._busy = True
+                    return True
+                if self._closed and not work and not self._incoming and not self._prep.is_alive():
+                    return False
+                self._cond.wait(0.05 if self._closed else None)
+            return False
+
+    def _iterate(self) -> None:
+        self._drop_stale()
+        self._admit()
+        if not self.batch.rows:
+            return
+        rows = list(self.batch.rows.values())
+        try:
+            self.batch.step()
+        except Exception as exc:
+            logger.exception("a decode step failed for %d rows", len(rows))
+            self.batch.reset()
+            for row in rows:
+                self._fail(row.request, GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
+            return
+        self.stats["batches"] += 1
+        self.stats["occupancy"] += len(rows)
+        self.stats["mixed_batches"] += int(len({id(r.plan.adapter) for r in rows}) > 1)
+        self._settle(rows)
+
+    def _drop_stale(self) -> None:
+        adapters = self.registry.adapters
+        for row in list(self.batch.rows.values()):
+            request = row.request
+            if request.cancelled or request.future.done():
+                self.batch.retire(row)
+            elif adapters.get(request.adapter) is not row.plan.adapter:
+                self.batch.retire(row)
+                self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while generating"))
+
+    def _admit(self) -> None:
+        adapters = self.registry.adapters
+        take: list[Row] = []
+        tokens = 0
+        with self._cond:
+            while self._ready and len(take) < self.batch.free:
+                row = self._ready[0]
+                request = row.request
+                if request.cancelled or request.future.done():
+                    self._ready.popleft()
+                    self._unwait(request)
+                    continue
+                if adapters.get(request.adapter) is not row.plan.adapter:
+                    self._ready.popleft()
+                    self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while queued"))
+                    continue
+                if row.plan.num_beams > 1 or (take and tokens + len(row.ids) > self.max_prefill_tokens):
+                    break
+                take.append(self._ready.popleft())
+                tokens += len(row.ids)
+                self._admitted(row)
+            static = [] if take or not self._ready or self._ready[0].plan.num_beams == 1 else self._take_static()
+        if static:
+            self._run_static(static)
+        if take:
+            self._prefill(take)
+
+    def _admitted(self, row: Row) -> None:
+        self._unwait(row.request)
+
+    def _unwait(self, request: EngineRequest) -> None:
+        with self._cond:
+            if request.waiting:
+                request.waiting = False
+                self._waiting -= 1
+
+    def _take_static(self) -> list[Row]:
+        first = self._ready.popleft()
+        rows = [first]
+        while self._ready and self._ready[0].request is first.request:
+            rows.append(self._ready.popleft())
+        self._admitted(first)
+        return rows
+
+    def _prefill(self, rows: list[Row]) -> None:
+        try:
+            self.batch.admit(rows)
+        except Exception as exc:
+            requests = list({id(r.request): r.request for r in rows}.values())
+            if len(requests) > 1:
+                # One request's rows may be what failed: each alone, so only it gets the error.
+                for request in requests:
+                    self._prefill([r for r in rows if r.request is request])
+                return
+            logger.exception("admitting %d rows failed", len(rows))
+            self._fail(requests[0], GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
+            return
+        self.stats["admitted"] += len(rows)
+
+    def _run_static(self, rows: list[Row]) -> None:
+        """Beam search: the request's rows as one generate() call, as registry.generate runs it."""
+        registry, request = self.registry, rows[0].request
+        plans = [r.plan for r in rows]
+        try:
+            with torch.no_grad():
+                embeds, mask = registry.pipeline.embed_ids(registry, plans, [r.ids for r in rows], [r.lexical for r in rows])
+                with registry.routed(plans):
+                    ids = generate_from_embeds(registry.base, embeds, mask, max_new_tokens=plans[0].max_new_tokens,
+                                               num_beams=plans[0].num_beams)
+        except Exception as exc:
+            logger.exception("beam search failed")
+            self._fail(request, GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
+            return
+        for row, sequence in zip(rows, ids.tolist()):
+            row.tokens, row.finished = sequence, True
+        self._settle(rows)
+
+    def _settle(self, rows: list[Row]) -> None:
+        """After rows got a token: stream it, and answer what finished."""
+        now = time.monotonic()
+        for row in rows:
+            request = row.request
+            if request.future.done():
+                self.batch.retire(row)
+                continue
+            if row.error is not None:
+                self.batch.retire(row)
+                self._fail(request, GenerationFailed(str(row.error)))
+                continue
+            if request.first_token_at is None:
+                request.first_token_at = now
+            if request.on_token is not None or row.params.stop or row.finished:
+                delta = row.tracker.update(row.generated, final=row.finished)
+                row.finished = row.finished or row.tracker.stopped
+                if request.on_token is not None and row.generated:
+                    try:
+                        request.on_token(row.index, row.generated[-1], delta)
+                    except Exception:  # a broken stream is a client gone away
+                        logger.exception("a token callback failed; cancelling its request")
+                        request.cancel()
+            if row.finished:
+                self.batch.retire(row)
+                request.outputs[row.index] = row.tracker.output
+                request.remaining -= 1
+                self.stats["rows"] += 1
+                if request.remaining == 0:
+                    self._finish(request)
+
+    def _finish(self, request: EngineRequest) -> None:
+        self._unwait(request)
+        if not request.future.done() and request.future.set_running_or_notify_cancel():
+            request.future.set_result(list(request.outputs))
+
+    def _fail(self, request: EngineRequest, exc: Exception) -> None:
+        self._unwait(request)
+        if not request.future.done() and request.future.set_running_or_notify_cancel():
+            request.future.set_exception(exc)
+
+    def _fail_everything(self, exc: Exception) -> None:
+        with self._cond:
+            waiting = list(self._incoming) + [r.request for r in self._ready]
+            self._incoming.clear()
+            self._ready.clear()
+        for request in waiting + [r.request for r in self.batch.rows.values()]:
+            self._fail(request, exc)
+        self.batch.reset()
