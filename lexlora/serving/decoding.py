@@ -154,9 +154,9 @@ class TextTracker:
         self.text = text
         visible = text.strip()
         if not final:
-            # Held back: what a later token may still turn into a stop string (trailing spaces are
-            # stripped already, as the final output is).
-            visible = visible[: max(len(visible) - self._hold, 0)]
+            # Held back: what a later token may still turn into a stop string, and the spaces
+            # before it (the output is stripped, so it would end without them if a stop came next).
+            visible = visible[: max(len(visible) - self._hold, 0)].rstrip()
         if len(visible) <= len(self.streamed) or not visible.startswith(self.streamed):
             return ""
         delta, self.streamed = visible[len(self.streamed):], visible
