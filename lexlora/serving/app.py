@@ -111,7 +111,8 @@ def create_app(
         stats = worker.stats
         return Health(status="ok", adapters=len(registry), engine=worker.name, pending=worker.pending,
                       active_rows=worker.active_rows, batches=stats["batches"], rows=stats["rows"],
-                      mixed_batches=stats["mixed_batches"], skipped=still)
+                      mixed_batches=stats["mixed_batches"], row_steps=stats.get("occupancy", stats["rows"]),
+                      skipped=still)
 
     @app.get("/adapters", response_model=AdapterList)
     def list_adapters() -> dict[str, Any]:
@@ -165,12 +166,15 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         try:
             if isinstance(worker, Engine):
-                outputs = await _wait(http, worker.submit(request.adapter, list(request.inputs), params))
+                submitted = worker.submit(request.adapter, list(request.inputs), params)
+                outputs = await _wait(http, submitted)
+                return JSONResponse(content={"outputs": outputs}, headers={"Server-Timing": _timing(submitted)})
             else:
                 if request.uses_engine_only_options:
                     raise HTTPException(422, f"{', '.join(request.uses_engine_only_options)}: not available with "
                                              "the static engine (lexlora serve --engine continuous)")
-                job = Job(request.adapter, list(request.inputs), request.max_new_tokens, request.num_beams)
+                job = Job(request.adapter, list(request.inputs), request.max_new_tokens, request.num_beams,
+                          request.min_new_tokens)
                 outputs = await asyncio.wrap_future(worker.submit(job))
         except QueueFull as exc:
             return JSONResponse(status_code=503, content={"detail": str(exc)},
@@ -206,6 +210,15 @@ def make_worker(registry: LexLoRA, settings: ServeSettings) -> Engine | Batcher:
             return Engine(registry, max_rows=settings.max_batch_rows, max_queue=settings.max_queue)
         logger.warning("serving with the static batcher: %s", why)
     return Batcher(registry, max_rows=settings.max_batch_rows, wait_s=settings.batch_wait_ms / 1000)
+
+
+def _timing(request: EngineRequest) -> str:
+    """A W3C Server-Timing header: time queued, to the first token, and in all (milliseconds)."""
+    def ms(end: float | None) -> float:
+        return round(((end or request.queued_at) - request.queued_at) * 1000, 2)
+
+    return (f"queue;dur={ms(request.admitted_at)}, ttft;dur={ms(request.first_token_at)}, "
+            f"total;dur={ms(request.finished_at)}")
 
 
 async def _wait(http: Request, request: EngineRequest) -> list[str]:

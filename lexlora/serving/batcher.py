@@ -26,6 +26,7 @@ class Job:
     inputs: list[Any]
     max_new_tokens: int | None
     num_beams: int | None
+    min_new_tokens: int = 0
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -122,7 +123,7 @@ class Batcher:
         # Re-checked under the lock: an adapter may have been unloaded (or replaced) since the
         # request was validated. Only that request fails; the rest of the batch proceeds.
         adapters = self.registry.adapters
-        groups: dict[tuple[int, int], list[tuple[Job, list[dict[str, str]]]]] = {}
+        groups: dict[tuple[int, int, int], list[tuple[Job, list[dict[str, str]]]]] = {}
         for job in jobs:
             loaded = adapters.get(job.adapter)
             if loaded is None:
@@ -136,19 +137,20 @@ class Batcher:
             # Grouped by the settings each row will really get, so each group is one model call
             # (registry.generate would split rows whose adapters' defaults differ anyway).
             plan = loaded.plan(job.max_new_tokens, job.num_beams)
-            key = (plan.max_new_tokens, plan.num_beams)
+            key = (plan.max_new_tokens, plan.num_beams, job.min_new_tokens)
             groups.setdefault(key, []).append((job, records))
 
-        for (max_new_tokens, num_beams), members in groups.items():
-            self._generate(members, max_new_tokens, num_beams)
+        for (max_new_tokens, num_beams, min_new_tokens), members in groups.items():
+            self._generate(members, max_new_tokens, num_beams, min_new_tokens)
 
-    def _generate(self, members: list[tuple[Job, list[dict[str, str]]]], max_new_tokens: int, num_beams: int) -> None:
+    def _generate(self, members: list[tuple[Job, list[dict[str, str]]]], max_new_tokens: int, num_beams: int,
+                  min_new_tokens: int = 0) -> None:
         inputs = [record for _, records in members for record in records]
         names = [job.adapter for job, records in members for _ in records]
         try:
             outputs = self.registry.generate(
                 inputs, adapter=names, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                batch_size=self.max_rows,
+                batch_size=self.max_rows, **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
             )
         except Exception as exc:
             if len(members) > 1:
@@ -156,7 +158,7 @@ class Batcher:
                 logger.warning("a batch of %d requests failed (%s: %s); retrying each alone",
                                len(members), type(exc).__name__, exc)
                 for member in members:
-                    self._generate([member], max_new_tokens, num_beams)
+                    self._generate([member], max_new_tokens, num_beams, min_new_tokens)
                 return
             logger.exception("generation failed for %d rows", len(inputs))
             members[0][0].future.set_exception(exc)

@@ -64,7 +64,9 @@ class EngineRequest:
     on_token: TokenCallback | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # its first row got a slot
     first_token_at: float | None = None
+    finished_at: float | None = None
     cancelled: bool = False
     outputs: list[str | None] = field(default_factory=list)
     remaining: int = 0
@@ -81,13 +83,20 @@ class Engine:
 
     name = "continuous"
 
-    def __init__(self, registry: LexLoRA, *, max_rows: int = 32, max_queue: int = 256, max_prefill_tokens: int = 2048):
+    def __init__(self, registry: LexLoRA, *, max_rows: int = 32, max_queue: int = 256, max_prefill_tokens: int = 2048,
+                 admit_delay_factor: float = 2.0):
         why = engine_supports(registry)
         if why:
             raise ConfigError(why)
         self.registry = registry
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        # Admitting runs the encoder, whose cost barely grows with the rows it takes (it streams the
+        # encoder's weights either way), so while rows are decoding, newcomers are admitted together:
+        # after an admission that took t, the next waits until factor * t has passed, unless the
+        # waiting rows fill every free slot or nothing is decoding (vLLM's scheduler_delay_factor).
+        self.admit_delay_factor = admit_delay_factor
+        self._last_admit = (0.0, 0.0)  # (when it ended, how long it took)
         self.batch = RunningBatch(registry, max_rows)
         self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "admitted": 0, "occupancy": 0}
         self._cond = threading.Condition()
@@ -284,12 +293,24 @@ class Engine:
                 self.batch.retire(row)
                 self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while generating"))
 
+    def _admit_now(self) -> bool:
+        free = self.batch.free
+        if not self._ready or not free:
+            return False
+        if not self.batch.rows or len(self._ready) >= free:
+            return True
+        ended, took = self._last_admit
+        return time.monotonic() - ended >= self.admit_delay_factor * took
+
     def _admit(self) -> None:
+        if not self._admit_now():
+            return
         adapters = self.registry.adapters
         take: list[Row] = []
+        static: list[Row] = []
         tokens = 0
         with self._cond:
-            while self._ready and len(take) < self.batch.free:
+            while self._ready:
                 row = self._ready[0]
                 request = row.request
                 if request.cancelled or request.future.done():
@@ -300,12 +321,15 @@ class Engine:
                     self._ready.popleft()
                     self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while queued"))
                     continue
-                if row.plan.num_beams > 1 or (take and tokens + len(row.ids) > self.max_prefill_tokens):
+                if row.plan.num_beams > 1:  # beam search: its request alone, on the static path
+                    if not take:
+                        static = self._take_static()
+                    break
+                if len(take) >= self.batch.free or (take and tokens + len(row.ids) > self.max_prefill_tokens):
                     break
                 take.append(self._ready.popleft())
                 tokens += len(row.ids)
                 self._admitted(row)
-            static = [] if take or not self._ready or self._ready[0].plan.num_beams == 1 else self._take_static()
         if static:
             self._run_static(static)
         if take:
@@ -317,6 +341,7 @@ class Engine:
     def _unwait(self, request: EngineRequest) -> None:
         with self._cond:
             if request.waiting:
+                request.admitted_at = time.monotonic()
                 request.waiting = False
                 self._waiting -= 1
 
@@ -329,6 +354,7 @@ class Engine:
         return rows
 
     def _prefill(self, rows: list[Row]) -> None:
+        started = time.monotonic()
         try:
             self.batch.admit(rows)
         except Exception as exc:
@@ -342,6 +368,7 @@ class Engine:
             self._fail(requests[0], GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
             return
         self.stats["admitted"] += len(rows)
+        self._last_admit = (time.monotonic(), time.monotonic() - started)
 
     def _run_static(self, rows: list[Row]) -> None:
         """Beam search: the request's rows as one generate() call, as registry.generate runs it."""
@@ -351,8 +378,12 @@ class Engine:
             with torch.no_grad():
                 embeds, mask = registry.pipeline.embed_ids(registry, plans, [r.ids for r in rows], [r.lexical for r in rows])
                 with registry.routed(plans):
+                    params = rows[0].params
+                    options = {"repetition_penalty": params.repetition_penalty} if params.repetition_penalty != 1.0 else {}
+                    if params.min_new_tokens:
+                        options["min_new_tokens"] = params.min_new_tokens
                     ids = generate_from_embeds(registry.base, embeds, mask, max_new_tokens=plans[0].max_new_tokens,
-                                               num_beams=plans[0].num_beams)
+                                               num_beams=plans[0].num_beams, **options)
         except Exception as exc:
             logger.exception("beam search failed")
             self._fail(request, GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
@@ -394,6 +425,7 @@ class Engine:
 
     def _finish(self, request: EngineRequest) -> None:
         self._unwait(request)
+        request.finished_at = time.monotonic()
         if not request.future.done() and request.future.set_running_or_notify_cancel():
             request.future.set_result(list(request.outputs))
 

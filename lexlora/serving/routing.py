@@ -17,10 +17,11 @@ full modules, DoRA, LoRA bias and per-module rank/alpha patterns are refused (lo
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -277,6 +278,7 @@ class LoraRouter:
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._users: Counter[str] = Counter()
         self._route: Route | None = None
+        self._busy = threading.Lock()
 
     def attach(self, weights: LoraWeights) -> None:
         for path in weights.paths:
@@ -301,14 +303,16 @@ class LoraRouter:
         return hook
 
     @contextmanager
-    def route(self, rows: Sequence[LoraWeights | None] | Route) -> Iterator[None]:
-        """Within this block, row i of every forward uses `rows[i]` (None: the base alone). A `Route`
-        built earlier may be passed instead, so a caller running many steps over the same rows (the
-        serving engine) builds its stacked weights once."""
-        if self._route is not None:
-            raise RuntimeError("LoraRouter.route is not reentrant")
-        self._route = rows if isinstance(rows, Route) else Route(rows)
+    def route(self, rows: Sequence[LoraWeights | None] | Route | Any) -> Iterator[None]:
+        """Within this block, row i of every forward uses `rows[i]` (None: the base alone). Instead of
+        a list, any object with Route's `apply` and `replace` may route the rows (the serving engine's
+        per-slot weights, slot_lora.py)."""
+        if not self._busy.acquire(blocking=False):  # atomic: two threads can never both route
+            raise RuntimeError("the model is already running a call (LoraRouter.route is not reentrant, and one "
+                               "thread at a time may run the registry; a serving Engine owns it while it runs)")
         try:
+            self._route = Route(rows) if isinstance(rows, (list, tuple)) else rows
             yield
         finally:
             self._route = None
+            self._busy.release()

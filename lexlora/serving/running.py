@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from lexlora.model.generation import RowPlan
 from lexlora.serving.decoding import SamplingParams, TextTracker, make_generator, pick_tokens
 from lexlora.serving.registry import LexLoRA
-from lexlora.serving.routing import Route
+from lexlora.serving.slot_lora import SlotLoRA
 from lexlora.serving.slots import SlotCache
 
 # Decoders whose position information is relative (T5's attention bias): left-padding a row that
@@ -92,8 +92,8 @@ class RunningBatch:
         self.width = config.d_model
         self.cache = SlotCache(capacity)
         self.rows: dict[int, Row] = {}  # slot -> row
-        self._route: Route | None = None
-        self._route_key: tuple | None = None
+        weights = self.base.get_input_embeddings().weight
+        self.lora = SlotLoRA(capacity, weights.dtype, weights.device)
 
     @property
     def free(self) -> int:
@@ -103,7 +103,7 @@ class RunningBatch:
         """Drop every row and the cache (after a step failed part-way)."""
         self.rows.clear()
         self.cache = SlotCache(self.capacity)
-        self._route = self._route_key = None
+        self.lora = SlotLoRA(self.capacity, self.lora.dtype, self.lora.device)
 
     # ---- admitting --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -124,6 +124,7 @@ class RunningBatch:
             row.tokens = [self.start_id]
             row.generator = make_generator(row.params, row.index, embeds.device)
             self.rows[slot] = row
+            self.lora.assign(slot, row.plan.adapter.lora)
 
     # ---- one step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,6 +135,7 @@ class RunningBatch:
             row = self.rows.pop(src)
             row.slot = dst
             self.rows[dst] = row
+            self.lora.move(src, dst)
         cache, self_mask, cross_mask = self.cache.step()
         extent = self_mask.shape[0]
         device = self_mask.device
@@ -148,7 +150,7 @@ class RunningBatch:
         self_mask4 = create_bidirectional_mask(config, like, self_mask, allow_is_bidirectional_skip=False)
         cross_mask4 = create_bidirectional_mask(config, like, cross_mask, encoder_hidden_states=encoder_states,
                                                 allow_is_bidirectional_skip=False)
-        with self.registry.router.route(self._route_for(extent)):
+        with self.registry.router.route(self.lora):
             out = self.base(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), attention_mask=cross_mask4,
                             decoder_input_ids=tokens, decoder_attention_mask=self_mask4, cache=cache, use_cache=True)
         self.cache.advance()
@@ -158,17 +160,7 @@ class RunningBatch:
         if self.rows.get(row.slot) is row:
             del self.rows[row.slot]
             self.cache.retire(row.slot)
-
-    def _route_for(self, extent: int) -> Route:
-        """The step's routing, rebuilt only when the rows' adapters change (its stacked weights and
-        masks are built on first use and reused by every later step)."""
-        adapters = [None] * extent
-        for slot, row in self.rows.items():
-            adapters[slot] = row.plan.adapter.lora
-        key = tuple(id(a) for a in adapters)
-        if key != self._route_key:
-            self._route, self._route_key = Route(adapters), key
-        return self._route
+            self.lora.release(row.slot)
 
     def _pick(self, rows: list[tuple[Row, int]], logits: torch.Tensor) -> None:
         """Append each row's next token (logits row `i` for row); rows with non-finite logits raise
@@ -176,7 +168,7 @@ class RunningBatch:
         order = [i for _, i in rows]
         if order != list(range(logits.shape[0])):
             logits = logits[order]
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # one reduction: NaN or inf anywhere makes it so
         blocked = [self.eos_id if len(r.generated) < r.params.min_new_tokens else None for r, _ in rows]
         picked = pick_tokens(logits, [r.params for r, _ in rows], [r.tokens for r, _ in rows],
                              [r.generator for r, _ in rows], blocked)

@@ -60,7 +60,7 @@ class GenerateRequest(BaseModel):
     def uses_engine_only_options(self) -> list[str]:
         """Options the static batcher cannot honour (it runs greedy or beam search only)."""
         defaults = GenerateRequest.model_fields
-        names = ("min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
         return [n for n in names if getattr(self, n) != defaults[n].default]
 
 
@@ -114,6 +114,7 @@ class Health(BaseModel):
     batches: int = Field(description="decoder steps (continuous) or model calls (static) made; each may mix adapters")
     rows: int = Field(description="inputs generated")
     mixed_batches: int = Field(description="model calls that mixed two or more adapters")
+    row_steps: int = Field(0, description="rows summed over decoder steps (row_steps / batches: mean batch occupancy)")
     skipped: list[SkippedAdapter] = Field(
         default=[],
         description="adapter dirs that failed to load at startup (lexlora serve --skip-invalid) and are still not loaded",

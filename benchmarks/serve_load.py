@@ -1,0 +1,395 @@
+"""`lexlora serve` under load, against what the model can do in process, side by side in one run.
+
+    HF_HUB_CACHE=$(realpath ../shared/hf/hub) HF_HUB_OFFLINE=1 python benchmarks/serve_load.py [--quick]
+
+flan-t5-small shape with random weights; 50 r=8 adapters with an `add` fusion projection; one-row
+requests whose adapter follows a Zipf-like popularity (weight 1/rank) and whose input is a filename
+never seen before (so every request embeds its lexical field); 16 new tokens forced
+(min_new_tokens = max_new_tokens = 16) in every arm. Measured, in order:
+
+  in process   the limit: `registry.generate` on 32-row mixed batches (rows/s); a lone one-row
+               generate (latency); HF `generate` on the base alone, no adapters, batch 32 (rows/s);
+               the engine in process with 32 closed-loop callers (rows/s, decode step time)
+  over HTTP    the real server as a subprocess, closed loop at 1, 4, 16, 32, 64 clients and open-loop
+               Poisson arrivals at three rates (requests/s, p50, p99, time to first token from the
+               Server-Timing header, mean batch occupancy, server RSS); the static batcher
+               (`--engine static`) at 1 and 32 clients; then a soak at 32 clients for RSS drift
+
+The last line is `RESULT served_ratio=… p50_ratio_1=… p99_over_p50_32=… engine_vs_hf=… rss_drift=…`:
+served rows/s at 32 clients over the in-process limit; p50 at 1 client over a lone generate; p99/p50
+at 32 clients; engine in-process rows/s over HF generate on the base; RSS change from the soak's
+first minute to its end (--quick: from 20 s to 60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hotswap import MODEL_ID, make_adapters  # noqa: E402
+
+from lexlora.config import ModelConfig  # noqa: E402
+from lexlora.serving.decoding import SamplingParams  # noqa: E402
+from lexlora.serving.engine import Engine  # noqa: E402
+from lexlora.serving.registry import LexLoRA  # noqa: E402
+
+NEW_TOKENS = 16
+WORDS = ["config", "backup", "main", "setup", "utils", "test", "index", "report", "notes", "schema", "model", "train",
+         "server", "client", "data", "parse", "render", "cache", "auth", "invoice", "draft", "final", "module", "core"]
+EXTS = ["py", "json", "md", "txt", "csv", "yaml", "c", "h", "js", "ts", "html", "sql", "log", "ini", "toml", "xml"]
+
+
+class Filenames:
+    """Plausible filenames, never the same twice (thread-safe)."""
+
+    def __init__(self, seed: int):
+        self._random = random.Random(seed)
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            self._count += 1
+            r = self._random
+            return f"{r.choice(WORDS)}_{r.choice(WORDS)}_{self._count}.{r.choice(EXTS)}"
+
+
+class Popularity:
+    """Adapter names drawn with weight 1/rank (Zipf-like, s=1)."""
+
+    def __init__(self, names: list[str], seed: int):
+        self.names = names
+        self.weights = [1 / (rank + 1) for rank in range(len(names))]
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int = 1) -> list[str]:
+        with self._lock:
+            return self._random.choices(self.names, self.weights, k=count)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(int(q * len(values)), len(values) - 1)] if values else float("nan")
+
+
+# ---- in process ----------------------------------------------------------------------------------
+def in_process(adapters_dir: Path, quick: bool) -> dict[str, float]:
+    config = ModelConfig(name_or_path=MODEL_ID, random_init=True)
+    registry = LexLoRA.from_config(config)
+    names = [d.name for d in sorted(adapters_dir.iterdir())]
+    for d in sorted(adapters_dir.iterdir()):
+        registry.load_adapter(d)
+    names_of, text = Popularity(names, 1), Filenames(1)
+    forced = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
+    reps = 2 if quick else 4
+    registry.generate([text() for _ in range(32)], adapter=names_of(32), **forced)  # warm: embedding model, caches
+
+    start, rows = time.perf_counter(), 0
+    for _ in range(reps):
+        registry.generate([text() for _ in range(32)], adapter=names_of(32), **forced)
+        rows += 32
+    limit = rows / (time.perf_counter() - start)
+
+    lone = []
+    for _ in range(5 if quick else 10):
+        t0 = time.perf_counter()
+        registry.generate([text()], adapter=names_of(1), **forced)
+        lone.append(time.perf_counter() - t0)
+
+    base, tokenizer = registry.base, registry.tokenizer
+    prompts = ["Describe the file " + text() + ":" for _ in range(32)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base.generate(**enc, **forced)
+        start = time.perf_counter()
+        for _ in range(reps):
+            enc = tokenizer(["Describe the file " + text() + ":" for _ in range(32)], return_tensors="pt", padding=True)
+            base.generate(**enc, **forced)
+        hf = reps * 32 / (time.perf_counter() - start)
+
+    engine = Engine(registry, max_rows=32)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    engine.generate(names[0], [text() for _ in range(4)], params)
+    stop_at = time.perf_counter() + (12 if quick else 30)
+    done = []
+
+    def caller():
+        while time.perf_counter() < stop_at:
+            engine.generate(names_of(1)[0], [text()], params)
+            done.append(time.perf_counter())
+
+    steps0, occupancy0 = engine.stats["batches"], engine.stats["occupancy"]
+    start = time.perf_counter()
+    threads = [threading.Thread(target=caller) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    steps = engine.stats["batches"] - steps0
+    occupancy = (engine.stats["occupancy"] - occupancy0) / max(steps, 1)
+    engine_rows = len(done) / elapsed
+    engine.close()
+
+    floor_ms, step_flops = decode_floor(base, 32)
+    step_ms = elapsed / max(steps, 1) * 1000  # upper bound: includes the admissions between steps
+    result = {
+        "limit": limit, "lone_s": statistics.median(lone), "hf": hf, "engine": engine_rows,
+        "engine_occupancy": occupancy, "step_ms": step_ms, "floor_ms": floor_ms, "step_gflop": step_flops / 1e9,
+    }
+    del registry, engine, base
+    gc.collect()
+    return result
+
+
+def decode_floor(base, rows: int) -> tuple[float, float]:
+    """The FLOPs of one decoder step for `rows` rows (2 per multiply-add of every decoder weight and
+    the LM head; attention over ~16 positions is negligible) and the time this machine's best matmul
+    rate would need for them (ms)."""
+    decoder = sum(p.numel() for n, p in base.named_parameters() if n.startswith("decoder.") and "embed" not in n)
+    head = base.get_output_embeddings().weight.numel()
+    flops = 2 * rows * (decoder + head)
+    a, b = torch.randn(rows, 512), torch.randn(512, 32128)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    rate = 20 * 2 * rows * 512 * 32128 / (time.perf_counter() - start)  # FLOP/s at the LM head's shape
+    return flops / rate * 1000, flops
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------
+class Server:
+    def __init__(self, adapters_dir: Path, port: int, engine: str):
+        env = dict(os.environ)
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lexlora.cli", "serve", "--adapters", str(adapters_dir), "--port", str(port),
+             "--engine", engine, "--max-queue", "512"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                self.health()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {self.proc.stderr.read()[-2000:]}") from None
+                time.sleep(0.5)
+
+    def health(self) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read())
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Client:
+    """One keep-alive connection sending one-row requests."""
+
+    def __init__(self, port: int, names, text):
+        self.port, self.names, self.text = port, names, text
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def send(self) -> tuple[float, float | None, int]:
+        body = json.dumps({"adapter": self.names(1)[0], "inputs": [self.text()], "max_new_tokens": NEW_TOKENS,
+                           "min_new_tokens": NEW_TOKENS})
+        start = time.perf_counter()
+        try:
+            self.conn.request("POST", "/generate", body, {"Content-Type": "application/json"})
+            response = self.conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+            return time.perf_counter() - start, None, 0
+        return time.perf_counter() - start, _ttft(response.getheader("Server-Timing")), response.status
+
+
+def _ttft(header: str | None) -> float | None:
+    for part in (header or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name == "ttft" and dur:
+            return float(dur) / 1000
+    return None
+
+
+def closed_loop(server: Server, clients: int, seconds: float, names, text) -> dict[str, float]:
+    before = server.health()
+    latencies, ttfts, errors = [], [], [0]
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def run():
+        client = Client(server.port, names, text)
+        while time.perf_counter() < stop_at:
+            latency, ttft, status = client.send()
+            with lock:
+                if status == 200:
+                    latencies.append(latency)
+                    if ttft is not None:
+                        ttfts.append(ttft)
+                else:
+                    errors[0] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return summarize(server, before, latencies, ttfts, errors[0], elapsed)
+
+
+def open_loop(server: Server, rate: float, seconds: float, names, text) -> dict[str, float]:
+    """Poisson arrivals at `rate` requests/s; each request on its own connection and thread."""
+    before = server.health()
+    latencies, ttfts, errors = [], [], [0]
+    lock = threading.Lock()
+    arrivals = random.Random(7)
+    threads = []
+
+    def one():
+        latency, ttft, status = Client(server.port, names, text).send()
+        with lock:
+            if status == 200:
+                latencies.append(latency)
+                if ttft is not None:
+                    ttfts.append(ttft)
+            else:
+                errors[0] += 1
+
+    start = time.perf_counter()
+    next_at = start
+    while next_at < start + seconds:
+        time.sleep(max(next_at - time.perf_counter(), 0))
+        thread = threading.Thread(target=one)
+        thread.start()
+        threads.append(thread)
+        next_at += arrivals.expovariate(rate)
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    return summarize(server, before, latencies, ttfts, errors[0], elapsed)
+
+
+def summarize(server, before, latencies, ttfts, errors, elapsed) -> dict[str, float]:
+    after = server.health()
+    steps = after["batches"] - before["batches"]
+    occupancy = (after.get("row_steps", 0) - before.get("row_steps", 0)) / steps if steps else float("nan")
+    if after.get("engine") == "static":
+        occupancy = (after["rows"] - before["rows"]) / steps if steps else float("nan")
+    return {
+        "rps": len(latencies) / elapsed, "p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99),
+        "ttft50": pct(ttfts, 0.5) if ttfts else float("nan"), "occupancy": occupancy, "errors": errors,
+        "rss_mb": server.rss() / 2**20, "n": len(latencies),
+    }
+
+
+def row(label: str, m: dict[str, float]) -> str:
+    return (f"{label:<28} {m['rps']:7.1f} req/s  p50 {m['p50'] * 1000:7.0f} ms  p99 {m['p99'] * 1000:7.0f} ms  "
+            f"ttft50 {m['ttft50'] * 1000:6.0f} ms  occupancy {m['occupancy']:5.1f}  RSS {m['rss_mb']:6.0f} MB  "
+            f"n={m['n']} errors={m['errors']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a version of at most ~3 minutes, same RESULT keys")
+    parser.add_argument("--adapters", type=int, default=50)
+    parser.add_argument("--port", type=int, default=8931)
+    args = parser.parse_args()
+    quick = args.quick
+    seconds = 8 if quick else 30
+    torch.manual_seed(0)
+    print(f"lexlora serve_load: {args.adapters} adapters, {NEW_TOKENS} forced new tokens, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, torch threads {torch.get_num_threads()}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters_dir = Path(tmp) / "adapters"
+        adapters_dir.mkdir()
+        make_adapters(adapters_dir, args.adapters, 8, ModelConfig(name_or_path=MODEL_ID, random_init=True))
+        for d in adapters_dir.iterdir():  # 16 new tokens by default, like the requests
+            meta = json.loads((d / "lexlora.json").read_text())
+            meta.setdefault("generation", {})["max_new_tokens"] = NEW_TOKENS
+            (d / "lexlora.json").write_text(json.dumps(meta))
+        names = sorted(d.name for d in adapters_dir.iterdir())
+
+        ref = in_process(adapters_dir, quick)
+        print(f"in process: registry.generate 32-row mixed batches {ref['limit']:.1f} rows/s (the limit); "
+              f"lone one-row generate {ref['lone_s'] * 1000:.0f} ms; HF generate on the base alone, batch 32 "
+              f"{ref['hf']:.1f} rows/s; engine, 32 callers {ref['engine']:.1f} rows/s "
+              f"(occupancy {ref['engine_occupancy']:.1f}, {ref['step_ms']:.0f} ms per step incl. admissions; "
+              f"FLOPs floor of a 32-row decode step {ref['floor_ms']:.1f} ms for {ref['step_gflop']:.2f} GFLOP)",
+              flush=True)
+
+        popularity, text = Popularity(names, 2), Filenames(2)
+        results: dict[str, dict[str, float]] = {}
+        server = Server(adapters_dir, args.port, "continuous")
+        try:
+            closed_loop(server, 4, 3, popularity, text)  # warm
+            for clients in (1, 4, 16, 32, 64):
+                results[f"c{clients}"] = m = closed_loop(server, clients, seconds, popularity, text)
+                print(row(f"engine, {clients} clients", m), flush=True)
+            capacity = results["c32"]["rps"]
+            for share in (0.25, 0.5, 0.8):
+                m = open_loop(server, capacity * share, seconds, popularity, text)
+                print(row(f"engine, Poisson {capacity * share:.1f}/s", m), flush=True)
+            soak = 60 if quick else 300
+            mark = 20 if quick else 60
+            first = threading.Timer(mark, lambda: results.setdefault("rss_mark", {"rss": server.rss()}))
+            first.start()
+            m = closed_loop(server, 32, soak, popularity, text)
+            first.join()
+            drift = server.rss() / results["rss_mark"]["rss"] - 1
+            print(row(f"engine soak {soak}s, 32 clients", m) + f"  RSS drift {drift * 100:+.1f}% from {mark}s", flush=True)
+        finally:
+            server.stop()
+
+        static = Server(adapters_dir, args.port, "static")
+        try:
+            closed_loop(static, 4, 3, popularity, text)
+            for clients in (1, 32):
+                m = closed_loop(static, clients, seconds, popularity, text)
+                print(row(f"static batcher, {clients} clients", m), flush=True)
+        finally:
+            static.stop()
+
+    served_ratio = results["c32"]["rps"] / ref["limit"]
+    p50_ratio = results["c1"]["p50"] / ref["lone_s"]
+    p99_over_p50 = results["c32"]["p99"] / results["c32"]["p50"]
+    print(f"RESULT served_ratio={served_ratio:.2f} p50_ratio_1={p50_ratio:.2f} p99_over_p50_32={p99_over_p50:.2f} "
+          f"engine_vs_hf={ref['engine'] / ref['hf']:.2f} rss_drift={drift:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
