@@ -4,11 +4,16 @@ disk as safetensors so that a second run encodes nothing.
 Cache layout: <cache_dir>/<model id with / as -->/shard-*.safetensors, one tensor per text, named by
 the SHA-256 of the text. Shards are written to a temp file and renamed, so a crash never leaves a
 half shard; they are merged when there are many.
+
+A server embeds texts it has never seen at every request; there `MemoryCache` keeps the latest
+`max_entries` vectors in memory only, so the cache neither grows without bound nor writes to disk
+per request.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -90,6 +95,23 @@ class EmbeddingCache:
             logger.warning("could not write the embedding cache in %s (%s); continuing without it", self.dir, exc)
 
 
+class MemoryCache:
+    """The most recently added `max_entries` vectors, in memory only (oldest dropped first)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return self._vectors
+
+    def add(self, new: dict[str, torch.Tensor]) -> None:
+        self._vectors.update(new)
+        excess = len(self._vectors) - self.max_entries
+        for key in list(itertools.islice(self._vectors, max(excess, 0))):
+            del self._vectors[key]
+
+
 class LexicalEncoder:
     """Encodes texts with a SentenceTransformer, deduplicated, batched and cached.
 
@@ -101,11 +123,13 @@ class LexicalEncoder:
         cache_dir: str | Path | None = None,
         batch_size: int = 64,
         device: str | torch.device | None = None,
+        memory_only: int | None = None,
     ):
+        """`memory_only`: keep at most this many vectors in memory instead of the disk cache (serving)."""
         self.model_id = model_id
         self.batch_size = batch_size
         self.device = str(device) if device is not None else None
-        self.cache = EmbeddingCache(cache_dir, model_id)
+        self.cache = MemoryCache(memory_only) if memory_only else EmbeddingCache(cache_dir, model_id)
         self._model = None
         self.encoded_count = 0  # texts run through the model (not found in the cache) so far
 

@@ -96,6 +96,9 @@ class LexLoRA:
         self.pipeline = GenerationPipeline(tokenizer, self.encoder_for)
         self.active_adapter: str | None = None
         self._disabled = False
+        # None: lexical vectors cached on disk (lexlora.data.embeddings); a number: that many kept in
+        # memory only, as a server sets it (every request brings texts never seen before).
+        self.lexical_cache_entries: int | None = None
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -213,7 +216,7 @@ class LexLoRA:
     def encoder_for(self, model_id: str) -> LexicalEncoder:
         """One embedding model (and cache) per id, shared by the adapters that use it."""
         if model_id not in self._encoders:
-            self._encoders[model_id] = LexicalEncoder(model_id, device=self.device)
+            self._encoders[model_id] = LexicalEncoder(model_id, device=self.device, memory_only=self.lexical_cache_entries)
         return self._encoders[model_id]
 
     # ---- generation (lexlora.model.generation; this registry is its Backend) -----------------------

@@ -31,6 +31,7 @@ def run_server(settings: ServeSettings) -> int:
     found = find_adapters(settings.adapters_dir)
     settings = dataclasses.replace(settings, device=resolve_device(settings.device))
     registry = _registry(settings, found)
+    registry.lexical_cache_entries = settings.lexical_cache_entries
     failed = load_adapters(registry, found, allow_pickle=settings.allow_pickle)
     if failed and not settings.skip_invalid:
         raise AdapterError(

@@ -22,6 +22,7 @@ class ServeSettings:
     batch_wait_ms: float = 5.0  # static batcher only: how long a request waits for others to join its batch
     engine: str = "continuous"  # "continuous": rows join and leave every step; "static": one batch at a time
     max_queue: int = 256  # requests waiting for a slot; beyond it, 503 with Retry-After at once
+    lexical_cache_entries: int = 20_000  # lexical vectors kept in memory (~2 KB each); none written to disk
     max_body_bytes: int = 4 << 20  # request body; 64 inputs of 1000 characters take at most ~400 KB
     body_timeout_s: float = 30.0  # a request body must arrive within this time of its first byte
 
