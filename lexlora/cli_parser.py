@@ -142,7 +142,7 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
 
     # The serve options' defaults are ServeSettings' (one home).
     serve_defaults = ServeSettings()
-    srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (mixed-adapter batching)")
+    srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (continuous batching, per-row adapters)")
     srv.set_defaults(**vars(serve_defaults))
     srv.add_argument(
         "--adapters", dest="adapters_dir", required=True, metavar="DIR",

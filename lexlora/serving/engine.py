@@ -1,8 +1,8 @@
 """`Engine`: iteration-level (continuous) batching of many adapters on one seq2seq base.
 
     submit()      a request joins a bounded queue (QueueFull at once when it is full)
-    prep thread   formats, tokenizes and embeds the lexical fields of what was submitted, batched
-                  and cached by the registry's encoders, off the decode loop's critical path
+    prep thread   formats, tokenizes and embeds the lexical fields of what was submitted (prep.py),
+                  batched and cached by the registry's encoders, off the decode loop's critical path
     engine loop   owns the model; each iteration it
                     1. drops rows whose client went away or whose adapter was unloaded
                     2. admits prepared rows into free slots (a row and token budget): the encoder once
@@ -29,10 +29,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from lexlora.errors import AdapterError, ConfigError, DataError
+from lexlora.errors import AdapterError, ConfigError
 from lexlora.model.generation import generate_from_embeds
-from lexlora.serving.decoding import SamplingParams, TextTracker
+from lexlora.serving.decoding import SamplingParams
+from lexlora.serving.prep import prepare
 from lexlora.serving.registry import LexLoRA
+from lexlora.serving.prep import GenerationFailed
 from lexlora.serving.running import Row, RunningBatch, engine_supports
 
 logger = logging.getLogger(__name__)
@@ -50,10 +52,6 @@ class QueueFull(RuntimeError):
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-
-class GenerationFailed(RuntimeError):
-    """A step failed for this request's rows (HTTP 500 with the message)."""
 
 
 @dataclass(eq=False)
@@ -187,56 +185,10 @@ class Engine:
                     return
                 requests = list(self._incoming)
                 self._incoming.clear()
-            rows = self._prepare(requests)
+            rows = prepare(self.registry, requests, self._fail)
             with self._cond:
                 self._ready.extend(rows)
                 self._cond.notify_all()
-
-    def _prepare(self, requests: list[EngineRequest]) -> list[Row]:
-        """Rows for each request (a request whose adapter or inputs are bad fails alone), with their
-        lexical vectors embedded together: one encode per embedding model for everything that came in."""
-        adapters = self.registry.adapters
-        rows: list[Row] = []
-        for request in requests:
-            try:
-                rows.extend(self._rows_of(request, adapters))
-            except (AdapterError, DataError) as exc:
-                self._fail(request, exc)
-        try:
-            self._embed(rows)
-        except Exception:
-            # One request's text may be what failed: embed each request alone so only it fails.
-            kept = []
-            for request in {id(r.request): r.request for r in rows}.values():
-                own = [r for r in rows if r.request is request]
-                try:
-                    self._embed(own)
-                    kept.extend(own)
-                except Exception as exc:
-                    logger.exception("embedding the lexical fields failed")
-                    self._fail(request, GenerationFailed(f"embedding the lexical field failed ({type(exc).__name__}: {exc})"))
-            rows = kept
-        return rows
-
-    def _rows_of(self, request: EngineRequest, adapters: dict) -> list[Row]:
-        loaded = adapters.get(request.adapter)
-        if loaded is None:
-            names = ", ".join(sorted(adapters)) or "none"
-            raise AdapterError(f"no adapter named {request.adapter!r} is loaded (loaded: {names})")
-        params = request.params
-        plan = loaded.plan(params.max_new_tokens, params.num_beams)
-        records = [loaded.spec.format_input(item, i) for i, item in enumerate(request.inputs)]
-        ids = self.registry.pipeline.token_ids([plan] * len(records), records)
-        return [
-            Row(request, i, plan, row_ids, None, params, TextTracker(self.registry.tokenizer, params.stop),
-                plan.max_new_tokens, record=record)
-            for i, (row_ids, record) in enumerate(zip(ids, records))
-        ]
-
-    def _embed(self, rows: list[Row]) -> None:
-        vectors = self.registry.pipeline.lexical(self.registry, [r.plan for r in rows], [r.record for r in rows])
-        for row, vector in zip(rows, vectors):
-            row.lexical = vector
 
     # ---- the engine loop ----------------------------------------------------------------------------
     def _engine_loop(self) -> None:

@@ -7,8 +7,8 @@ concatenated) each step, and with 32 distinct adapters each row would multiply t
 ranks to keep one. Here every slot holds its adapter's A and B in the compute dtype, written once when
 the row is admitted (as its KV cache is), and a step applies them as two batched matmuls,
 
-    h = bmm(x, A_T[slots]) * scale[slots]        x: (rows, 1, in), A_T: (slots, in, r)
-    output + bmm(h, B_T[slots])                  B_T: (slots, r, out)
+    h = bmm(x, A_T[slots])                       x: (rows, 1, in), A_T: (slots, in, r), scaling folded in
+    baddbmm(output, h, B_T[slots])               B_T: (slots, r, out)
 
 the per-row gathered LoRA of Punica / S-LoRA (BGMV), whose cost does not grow with the number of
 distinct adapters. Adapters of lower rank are zero-padded to the largest rank seen for a Linear.
@@ -27,7 +27,7 @@ class SlotLoRA:
     def __init__(self, capacity: int, dtype: torch.dtype, device: torch.device):
         self.capacity, self.dtype, self.device = capacity, dtype, device
         self.slots: list[LoraWeights | None] = [None] * capacity
-        self._banks: dict[str, list[torch.Tensor]] = {}  # path -> [A_T, B_T, scale]
+        self._banks: dict[str, list[torch.Tensor]] = {}  # path -> [A_T (scaled), B_T]
         self._replacing: Route | None = None
         self._replacing_key: tuple | None = None
 
@@ -53,10 +53,12 @@ class SlotLoRA:
         bank = self._banks.get(path)
         if bank is None:
             bank = self._build(path, x.shape[-1], output.shape[-1])
-        A_T, B_T, scale = bank
+        A_T, B_T = bank
         rows = x.shape[0]
-        hidden = torch.bmm(x.to(self.dtype), A_T[:rows]) * scale[:rows]
-        return output + torch.bmm(hidden, B_T[:rows]).to(output.dtype)
+        if x.dtype != self.dtype:  # e.g. an fp32 LayerNorm output into an fp16 base
+            return output + torch.bmm(torch.bmm(x.to(self.dtype), A_T[:rows]), B_T[:rows]).to(output.dtype)
+        # As few ops as possible: a small model's step is dominated by per-op overhead on CPU.
+        return torch.baddbmm(output, torch.bmm(x, A_T[:rows]), B_T[:rows])
 
     def replace(self, path: str, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Layers some slot's adapter trains in full: recomputed for those rows, as Route does."""
@@ -80,25 +82,23 @@ class SlotLoRA:
 
     def _zeros(self, rank: int, fan_in: int, fan_out: int) -> list[torch.Tensor]:
         make = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        return [make(self.capacity, fan_in, rank), make(self.capacity, rank, fan_out), make(self.capacity, 1, 1)]
+        return [make(self.capacity, fan_in, rank), make(self.capacity, rank, fan_out)]
 
     def _write(self, path: str, slot: int) -> None:
-        A_T, B_T, scale = self._banks[path]
+        A_T, B_T = self._banks[path]
         weights = self.slots[slot]
         delta = weights.deltas.get(path) if weights is not None else None
         if delta is None:
-            scale[slot] = 0
+            A_T[slot].zero_()
             return
         rank = delta.A.shape[0]
         if rank > A_T.shape[2]:  # a higher rank than any before on this Linear: pad the bank
             grown = self._zeros(rank, A_T.shape[1], B_T.shape[2])
             grown[0][:, :, : A_T.shape[2]] = A_T
             grown[1][:, : B_T.shape[1]] = B_T
-            grown[2][:] = scale
             self._banks[path] = grown
-            A_T, B_T, scale = grown
+            A_T, B_T = grown
         A_T[slot].zero_()
         B_T[slot].zero_()
-        A_T[slot, :, :rank] = delta.A.T.to(self.device, self.dtype)
+        A_T[slot, :, :rank] = delta.A.T.to(self.device, self.dtype) * delta.scaling
         B_T[slot, :rank] = delta.B.T.to(self.device, self.dtype)
-        scale[slot] = delta.scaling

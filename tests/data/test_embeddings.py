@@ -56,3 +56,18 @@ def test_offline_the_model_loads_from_the_cache_without_hub_warnings(tmp_path, c
     with caplog.at_level(logging.WARNING):
         assert LexicalEncoder(EMBEDDING_MODEL, cache_dir=tmp_path).encode(["main.py"]).shape == (1, 384)
     assert not [r for r in caplog.records if "Could not reach the Hub" in r.getMessage()]
+
+
+def test_a_memory_only_cache_keeps_the_latest_entries_and_writes_nothing(tmp_path, monkeypatch):
+    """What a server uses: every request brings new texts, so the cache is bounded and never on disk."""
+    monkeypatch.setenv("LEXLORA_CACHE", str(tmp_path))
+    encoder = LexicalEncoder(EMBEDDING_MODEL, memory_only=3)
+    first = encoder.encode(["a.py", "b.py"])
+    encoder.encode(["c.py", "d.py"])
+    assert len(encoder.cache.load()) == 3  # a.py, the oldest, was dropped
+    assert not list(tmp_path.rglob("*.safetensors"))
+    count = encoder.encoded_count
+    again = encoder.encode(["b.py"])  # still cached: not encoded again
+    assert encoder.encoded_count == count and torch.equal(again[0], first[1])
+    encoder.encode(["a.py"])  # dropped: encoded again
+    assert encoder.encoded_count == count + 1

@@ -463,3 +463,21 @@ def test_beam_search_honours_repetition_penalty(adapters, engine):
     # BUG (engine.py _run_static): only max_new_tokens and num_beams reach generate_from_embeds, so a
     # beam request's repetition_penalty (and min_new_tokens) is silently ignored.
     assert engine.generate("desc", MORE_INPUTS, params, timeout=60) == wanted
+
+
+def test_a_base_the_engine_cannot_run_falls_back_to_the_static_batcher(adapters, monkeypatch, caplog):
+    """Left-padding is exact only for relative positions (T5): other bases get the static batcher."""
+    from lexlora.errors import ConfigError
+    from lexlora.serving.app import make_worker
+    from lexlora.serving.batcher import Batcher
+    from tests.serving.served import SETTINGS
+
+    registry = adapters[2]
+    monkeypatch.setattr(registry.base.config, "model_type", "bart")
+    with pytest.raises(ConfigError, match="relative positions"):
+        Engine(registry)
+    worker = make_worker(registry, SETTINGS)
+    try:
+        assert isinstance(worker, Batcher) and "static batcher" in caplog.text
+    finally:
+        worker.close()

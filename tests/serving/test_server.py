@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lexlora.cli import build_parser, main
+from lexlora.serving import ServeSettings
 from tests.serving import served
 from tests.serving.served import DESC_INPUTS, call, running
 
@@ -147,3 +148,18 @@ def test_serve_says_its_device_and_refuses_a_bad_one_before_loading(adapters, tm
         assert main(["serve", "--adapters", str(root), "--device", device]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and uvicorn_run == {}
+
+
+def test_serve_options_reach_the_engine(adapters, uvicorn_run):
+    """--engine, --max-queue and --max-batch-rows configure the worker; lexical vectors stay in memory."""
+    assert main(["serve", "--adapters", str(adapters[0]), "--skip-invalid", "--max-queue", "7",
+                 "--max-batch-rows", "5"]) == 0
+    app = uvicorn_run["app"]
+    worker = app.state.worker
+    assert worker.name == "continuous" and worker.max_queue == 7 and worker.batch.capacity == 5
+    assert app.state.registry.lexical_cache_entries == ServeSettings().lexical_cache_entries
+    worker.close()
+    uvicorn_run.clear()
+    assert main(["serve", "--adapters", str(adapters[0]), "--skip-invalid", "--engine", "static"]) == 0
+    assert uvicorn_run["app"].state.worker.name == "static"
+    uvicorn_run["app"].state.worker.close()
