@@ -90,10 +90,12 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         # Admitting runs the encoder, whose cost barely grows with the rows it takes (it streams the
-        # encoder's weights either way), so while rows are decoding, newcomers are admitted together:
-        # after an admission that took t, the next waits until factor * t has passed, unless the
-        # waiting rows fill every free slot or nothing is decoding (vLLM's scheduler_delay_factor).
+        # encoder's weights either way: 1 row costs ~40 ms, 8 rows ~55 ms on 2 CPU cores), so while
+        # rows are decoding, newcomers are admitted in groups: at once when a quarter of the slots
+        # are free and as many rows wait, else once factor * (the last admission's time) has passed
+        # since it ended (vLLM's scheduler_delay_factor). Nothing decoding: at once.
         self.admit_delay_factor = admit_delay_factor
+        self.admit_group = max(1, max_rows // 4)
         self._last_admit = (0.0, 0.0)  # (when it ended, how long it took)
         self.batch = RunningBatch(registry, max_rows)
         self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "admitted": 0, "occupancy": 0}
@@ -249,8 +251,10 @@ class Engine:
         free = self.batch.free
         if not self._ready or not free:
             return False
-        if not self.batch.rows or len(self._ready) >= free:
-            return True
+        if not self.batch.rows:
+            return True  # nothing decoding: nothing to stall
+        if free >= self.admit_group and len(self._ready) >= self.admit_group:
+            return True  # a whole group: the encoder's cost is shared by enough rows
         ended, took = self._last_admit
         return time.monotonic() - ended >= self.admit_delay_factor * took
 
