@@ -255,23 +255,34 @@ def _ttft(header: str | None) -> float | None:
     return None
 
 
+class Tally:
+    """Latencies and times to first token of the requests that succeeded, and a count of the others."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.errors = 0
+        self._lock = threading.Lock()
+
+    def record(self, latency: float, ttft: float | None, status: int) -> None:
+        with self._lock:
+            if status != 200:
+                self.errors += 1
+                return
+            self.latencies.append(latency)
+            if ttft is not None:
+                self.ttfts.append(ttft)
+
+
 def closed_loop(server: Server, clients: int, seconds: float, names, text) -> dict[str, float]:
     before = server.health()
-    latencies, ttfts, errors = [], [], [0]
+    tally = Tally()
     stop_at = time.perf_counter() + seconds
-    lock = threading.Lock()
 
     def run():
         client = Client(server.port, names, text)
         while time.perf_counter() < stop_at:
-            latency, ttft, status = client.send()
-            with lock:
-                if status == 200:
-                    latencies.append(latency)
-                    if ttft is not None:
-                        ttfts.append(ttft)
-                else:
-                    errors[0] += 1
+            tally.record(*client.send())
 
     start = time.perf_counter()
     threads = [threading.Thread(target=run) for _ in range(clients)]
@@ -280,26 +291,18 @@ def closed_loop(server: Server, clients: int, seconds: float, names, text) -> di
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    return summarize(server, before, latencies, ttfts, errors[0], elapsed)
+    return summarize(server, before, tally.latencies, tally.ttfts, tally.errors, elapsed)
 
 
 def open_loop(server: Server, rate: float, seconds: float, names, text) -> dict[str, float]:
     """Poisson arrivals at `rate` requests/s; each request on its own connection and thread."""
     before = server.health()
-    latencies, ttfts, errors = [], [], [0]
-    lock = threading.Lock()
+    tally = Tally()
     arrivals = random.Random(7)
     threads = []
 
     def one():
-        latency, ttft, status = Client(server.port, names, text).send()
-        with lock:
-            if status == 200:
-                latencies.append(latency)
-                if ttft is not None:
-                    ttfts.append(ttft)
-            else:
-                errors[0] += 1
+        tally.record(*Client(server.port, names, text).send())
 
     start = time.perf_counter()
     next_at = start
@@ -312,7 +315,7 @@ def open_loop(server: Server, rate: float, seconds: float, names, text) -> dict[
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    return summarize(server, before, latencies, ttfts, errors[0], elapsed)
+    return summarize(server, before, tally.latencies, tally.ttfts, tally.errors, elapsed)
 
 
 def summarize(server, before, latencies, ttfts, errors, elapsed) -> dict[str, float]:
