@@ -129,7 +129,7 @@ def in_process(adapters_dir: Path, quick: bool) -> tuple[dict, object, object]:
         """A saturated engine: reps*3 batches' worth of one-row requests queued at once (rows/s,
         mean occupancy, ms per decoder step including the admissions between steps)."""
         params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-        steps0, occupancy0 = engine.stats["batches"], engine.stats["occupancy"]
+        steps0, occupancy0 = engine.stats["batches"], engine.stats["row_steps"]
         count = reps * 3 * 32
         start = time.perf_counter()
         requests = [engine.submit(name, [text()], params) for name in names_of(count)]
@@ -137,7 +137,7 @@ def in_process(adapters_dir: Path, quick: bool) -> tuple[dict, object, object]:
             request.future.result()
         elapsed = time.perf_counter() - start
         steps = engine.stats["batches"] - steps0
-        return count / elapsed, (engine.stats["occupancy"] - occupancy0) / max(steps, 1), elapsed / max(steps, 1) * 1000
+        return count / elapsed, (engine.stats["row_steps"] - occupancy0) / max(steps, 1), elapsed / max(steps, 1) * 1000
 
     # Each reference before and after the engine, averaged: the machine's speed drifts within a run.
     limits, hfs = [limit()], [hf()]

@@ -111,7 +111,7 @@ def create_app(
         stats = worker.stats
         return Health(status="ok", adapters=len(registry), engine=worker.name, pending=worker.pending,
                       active_rows=worker.active_rows, batches=stats["batches"], rows=stats["rows"],
-                      mixed_batches=stats["mixed_batches"], row_steps=stats.get("occupancy", stats["rows"]),
+                      mixed_batches=stats["mixed_batches"], row_steps=stats.get("row_steps", stats["rows"]),
                       skipped=still)
 
     @app.get("/adapters", response_model=AdapterList)

@@ -98,7 +98,7 @@ class Engine:
         self.admit_group = max(1, max_rows // 4)
         self._last_admit = (0.0, 0.0)  # (when it ended, how long it took)
         self.batch = RunningBatch(registry, max_rows)
-        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "admitted": 0, "occupancy": 0}
+        self.stats = {"batches": 0, "rows": 0, "mixed_batches": 0, "admitted": 0, "row_steps": 0}
         self._cond = threading.Condition()
         self._incoming: collections.deque[EngineRequest] = collections.deque()
         self._ready: collections.deque[Row] = collections.deque()
@@ -233,7 +233,7 @@ class Engine:
                 self._fail(row.request, GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
             return
         self.stats["batches"] += 1
-        self.stats["occupancy"] += len(rows)
+        self.stats["row_steps"] += len(rows)
         self.stats["mixed_batches"] += int(len({id(r.plan.adapter) for r in rows}) > 1)
         self._settle(rows)
 
@@ -285,14 +285,11 @@ class Engine:
                     break
                 take.append(self._ready.popleft())
                 tokens += len(row.ids)
-                self._admitted(row)
+                self._unwait(request)
         if static:
             self._run_static(static)
         if take:
             self._prefill(take)
-
-    def _admitted(self, row: Row) -> None:
-        self._unwait(row.request)
 
     def _unwait(self, request: EngineRequest) -> None:
         with self._cond:
@@ -306,7 +303,7 @@ class Engine:
         rows = [first]
         while self._ready and self._ready[0].request is first.request:
             rows.append(self._ready.popleft())
-        self._admitted(first)
+        self._unwait(first.request)
         return rows
 
     def _prefill(self, rows: list[Row]) -> None:

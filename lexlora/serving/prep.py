@@ -58,8 +58,7 @@ def rows_of(registry: LexLoRA, request: Any, adapters: dict) -> list[Row]:
     records = [loaded.spec.format_input(item, i) for i, item in enumerate(request.inputs)]
     ids = registry.pipeline.token_ids([plan] * len(records), records)
     return [
-        Row(request, i, plan, row_ids, None, params, TextTracker(registry.tokenizer, params.stop), plan.max_new_tokens,
-            record=record)
+        Row(request, i, plan, row_ids, None, params, TextTracker(registry.tokenizer, params.stop), record=record)
         for i, (row_ids, record) in enumerate(zip(ids, records))
     ]
 

@@ -1,7 +1,8 @@
 """`RunningBatch`: the rows the engine is decoding, one step at a time, each with its own adapter.
 
-    admit(rows)  the encoder once for the newcomers (each row's fusion and LoRA), then their first
-                 decoder step; their caches go into free slots of the `SlotCache`
+    admit(rows)  the encoder once for the newcomers (each row's fusion and LoRA), then each decoder
+                 layer's cross-attention keys/values for them, written into free slots of the
+                 `SlotCache`; their first token comes from the next step
     step()       one decoder step for every active row, each routed through its own adapter
     the caller   retires rows that finished (end token, max_new_tokens, stop string)
 
@@ -65,7 +66,6 @@ class Row:
     lexical: torch.Tensor | None
     params: SamplingParams
     tracker: TextTracker
-    max_new_tokens: int
     record: dict[str, str] | None = None  # the input as its adapter's fields
     tokens: list[int] = field(default_factory=list)  # the decoder's tokens: start token, then generated
     generator: torch.Generator | None = None
@@ -114,7 +114,7 @@ class RunningBatch:
         registry = self.registry
         plans = [r.plan for r in rows]
         embeds, mask = registry.pipeline.embed_ids(registry, plans, [r.ids for r in rows], [r.lexical for r in rows])
-        with registry.router.route([p.adapter.lora for p in plans]):
+        with registry.routed(plans):
             states = self.base.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
             keys, values = cross_attention_kv(self.base, states)
         slots = self.cache.free_slots()[: len(rows)]
@@ -178,4 +178,4 @@ class RunningBatch:
                     f"input {row.index}: the model produced non-finite logits at token {len(row.generated)}")
                 continue
             row.tokens.append(token)
-            row.finished = token == self.eos_id or len(row.generated) >= row.max_new_tokens
+            row.finished = token == self.eos_id or len(row.generated) >= row.plan.max_new_tokens
