@@ -142,11 +142,12 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
 
     # The serve options' defaults are ServeSettings' (one home).
     serve_defaults = ServeSettings()
-    srv = sub.add_parser("serve", help="HTTP JSON API over every adapter in a dir (continuous batching, per-row adapters)")
+    srv = sub.add_parser("serve", help="HTTP API (lexlora's and OpenAI's) over the adapters in a dir, loaded on first "
+                                       "request (continuous batching, per-row adapters)")
     srv.set_defaults(**vars(serve_defaults))
     srv.add_argument(
         "--adapters", dest="adapters_dir", required=True, metavar="DIR",
-        help="dir of adapter dirs; each is loaded under its dir name",
+        help="dir of adapter dirs; each is served under its dir name, loaded on its first request",
     )
     srv.add_argument("--host", help="default: %(default)s (this machine only)")
     srv.add_argument("--port", type=int, help="default: %(default)s")
@@ -180,9 +181,24 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
     )
     srv.add_argument(
         "--skip-invalid", action="store_true",
-        help="serve the adapters that load and list the dirs that do not (at startup and in GET /health); "
-             "default: refuse to start, naming each failing dir",
+        help="if an adapter to load at startup (--pin, --preload, --preload-all) fails, serve without it and list it "
+             "(at startup and in GET /health); default: refuse to start, naming each failing adapter",
     )
+    srv.add_argument("--max-resident-adapters", type=_positive_int,
+                     help="adapters kept in memory at once; the least recently used one with no request in flight "
+                          "is evicted to make room (default: %(default)s)")
+    srv.add_argument("--max-resident-mb", type=_positive_float,
+                     help="the resident adapters' tensors, in MiB (default: %(default)s)")
+    srv.add_argument("--pin", nargs="+", metavar="NAME", help="adapters loaded at startup and never evicted")
+    srv.add_argument("--preload", nargs="+", metavar="NAME", help="adapters loaded at startup")
+    srv.add_argument("--preload-all", action="store_true",
+                     help="load every adapter dir at startup (a failing one stops startup, unless --skip-invalid)")
+    srv.add_argument("--allow-hub", action="store_true",
+                     help="also serve Hugging Face Hub repos named org/name[@revision], fetched on first request "
+                          "(or read from the local HF cache; HF_HUB_OFFLINE=1 keeps it offline)")
+    srv.add_argument("--api-key", metavar="KEY",
+                     help="require 'Authorization: Bearer KEY' on every route but /health (default: env LEXLORA_API_KEY, "
+                          "else no auth)")
     srv.set_defaults(func=commands["serve"])
 
     emb = sub.add_parser(

@@ -32,9 +32,8 @@ import torch
 from lexlora.errors import AdapterError, ConfigError
 from lexlora.model.generation import generate_from_embeds
 from lexlora.serving.decoding import SamplingParams
-from lexlora.serving.prep import prepare
+from lexlora.serving.prep import GenerationFailed, prepare
 from lexlora.serving.registry import LexLoRA
-from lexlora.serving.prep import GenerationFailed
 from lexlora.serving.running import Row, RunningBatch, engine_supports
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ class EngineRequest:
     inputs: list[Any]
     params: SamplingParams
     on_token: TokenCallback | None = None
+    loaded: Any = None  # the LoadedAdapter to run on (an adapter store's pick); None: the registry's, at prep
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # its first row got a slot
@@ -67,6 +67,9 @@ class EngineRequest:
     finished_at: float | None = None
     cancelled: bool = False
     outputs: list[str | None] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)  # "stop" (end token, stop string) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     remaining: int = 0
     waiting: bool = True  # counts against the queue bound until its first row runs or it ends
 
@@ -114,11 +117,13 @@ class Engine:
 
     # ---- the public side ------------------------------------------------------------------------------
     def submit(self, adapter: str, inputs: Sequence[Any], params: SamplingParams | None = None,
-               on_token: TokenCallback | None = None) -> EngineRequest:
-        """Queue a request; its `future` gets the outputs (one per input). QueueFull when
-        `max_queue` requests are already waiting, ShuttingDown once closed."""
-        request = EngineRequest(adapter, list(inputs), params or SamplingParams(), on_token)
+               on_token: TokenCallback | None = None, loaded: Any = None) -> EngineRequest:
+        """Queue a request; its `future` gets the outputs (one per input). `loaded` pins the adapter
+        object it runs on (else the registry's adapter of that name when it is prepared). QueueFull
+        when `max_queue` requests are already waiting, ShuttingDown once closed."""
+        request = EngineRequest(adapter, list(inputs), params or SamplingParams(), on_token, loaded)
         request.outputs, request.remaining = [None] * len(request.inputs), len(request.inputs)
+        request.finish_reasons = [None] * len(request.inputs)
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
@@ -238,12 +243,11 @@ class Engine:
         self._settle(rows)
 
     def _drop_stale(self) -> None:
-        adapters = self.registry.adapters
         for row in list(self.batch.rows.values()):
             request = row.request
             if request.cancelled or request.future.done():
                 self.batch.retire(row)
-            elif adapters.get(request.adapter) is not row.plan.adapter:
+            elif row.plan.adapter.unloaded:
                 self.batch.retire(row)
                 self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while generating"))
 
@@ -261,7 +265,6 @@ class Engine:
     def _admit(self) -> None:
         if not self._admit_now():
             return
-        adapters = self.registry.adapters
         take: list[Row] = []
         static: list[Row] = []
         tokens = 0
@@ -273,7 +276,7 @@ class Engine:
                     self._ready.popleft()
                     self._unwait(request)
                     continue
-                if adapters.get(request.adapter) is not row.plan.adapter:
+                if row.plan.adapter.unloaded:
                     self._ready.popleft()
                     self._fail(request, AdapterError(f"adapter {request.adapter!r} was unloaded while queued"))
                     continue
@@ -341,7 +344,10 @@ class Engine:
             logger.exception("beam search failed")
             self._fail(request, GenerationFailed(f"generation failed ({type(exc).__name__}: {exc})"))
             return
+        pad = registry.tokenizer.pad_token_id
         for row, sequence in zip(rows, ids.tolist()):
+            while len(sequence) > 1 and sequence[-1] == pad:  # beams that ended early are padded
+                sequence.pop()
             row.tokens, row.finished = sequence, True
         self._settle(rows)
 
@@ -371,10 +377,17 @@ class Engine:
             if row.finished:
                 self.batch.retire(row)
                 request.outputs[row.index] = row.tracker.output
+                request.finish_reasons[row.index] = self._finish_reason(row)
+                request.prompt_tokens += len(row.ids)
+                request.completion_tokens += len(row.generated)
                 request.remaining -= 1
                 self.stats["rows"] += 1
                 if request.remaining == 0:
                     self._finish(request)
+
+    def _finish_reason(self, row: Row) -> str:
+        ended = row.tracker.stopped or (row.generated and row.generated[-1] == self.batch.eos_id)
+        return "stop" if ended or len(row.generated) < row.plan.max_new_tokens else "length"
 
     def _finish(self, request: EngineRequest) -> None:
         self._unwait(request)

@@ -49,8 +49,8 @@ def prepare(registry: LexLoRA, requests: list[Any], fail: Callable[[Any, Excepti
 
 def rows_of(registry: LexLoRA, request: Any, adapters: dict) -> list[Row]:
     """One row per input of `request` (an EngineRequest), formatted and tokenized for its adapter."""
-    loaded = adapters.get(request.adapter)
-    if loaded is None:
+    loaded = request.loaded or adapters.get(request.adapter)
+    if loaded is None or loaded.unloaded:
         names = ", ".join(sorted(adapters)) or "none"
         raise AdapterError(f"no adapter named {request.adapter!r} is loaded (loaded: {names})")
     params = request.params

@@ -40,6 +40,8 @@ from lexlora.serving.routing import LoraRouter, LoraWeights
 
 MAX_ADAPTER_NAME = 128  # characters; names appear in URLs
 ADAPTER_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ADAPTER_NAME - 1}}}$")
+# A Hugging Face Hub repo id, optionally at a revision: org/name or org/name@v2 (lexlora serve --allow-hub).
+HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9][A-Za-z0-9._/-]{0,99})?$")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class LoadedAdapter:
     lora: LoraWeights
     fusion: dict[str, torch.Tensor] = field(default_factory=dict)  # proj.weight / proj.bias, as saved
     file_bytes: int = 0
+    # Set once it is unloaded (delete_adapter): rows still running on it fail. A replaced adapter is
+    # not unloaded: what runs on it finishes on its weights, as vLLM and LoRAX do.
+    unloaded: bool = False
 
     def plan(self, max_new_tokens: int | None = None, num_beams: int | None = None) -> RowPlan:
         """How a row through this adapter is generated: the caller's settings, else the adapter's own."""
@@ -142,20 +147,32 @@ class LexLoRA:
         it was, a name already loaded (unless `replace`), an incomplete or corrupted dir, or an
         adapter trained on another base. A pickle adapter_model.bin is read only with `allow_pickle`
         (tensors only, as load_adapter)."""
-        adapter_dir = Path(adapter_dir)
-        name = name if name is not None else adapter_dir.name
+        name = name if name is not None else Path(adapter_dir).name
         check_adapter_name(name)
         if name in self._adapters and not replace:
             raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pass replace=True")
+        return self.install(self.build_adapter(adapter_dir, name, allow_pickle=allow_pickle), replace=replace)
+
+    def build_adapter(self, adapter_dir: str | Path, name: str, *, allow_pickle: bool = False) -> LoadedAdapter:
+        """Read, check and build an adapter for this base without installing it: the slow part of a
+        load (file reads, checksums, tensors), which an adapter store runs off the serving loop."""
+        check_adapter_name(name, hub=True)
+        adapter_dir = Path(adapter_dir)
         files = read_adapter_dir(adapter_dir, allow_pickle)
         check_fingerprint(files.meta.base, self.base_fingerprint, str(adapter_dir))
-        loaded = self._build(name, files)
-        if name in self._adapters:
-            self.router.detach(self._adapters[name].lora)
+        return self._build(name, files)
+
+    def install(self, loaded: LoadedAdapter, *, replace: bool = False) -> LoadedAdapter:
+        """Make a built adapter servable under its name (replacing the one of that name with `replace`)."""
+        old = self._adapters.get(loaded.name)
+        if old is not None and not replace:
+            raise AdapterError(f"an adapter named {loaded.name!r} is already loaded; unload it first or pass replace=True")
         self.router.attach(loaded.lora)
-        self._adapters[name] = loaded
+        if old is not None:
+            self.router.detach(old.lora)
+        self._adapters[loaded.name] = loaded
         if self.active_adapter is None:
-            self.active_adapter = name
+            self.active_adapter = loaded.name
         return loaded
 
     def _build(self, name: str, files: AdapterFiles) -> LoadedAdapter:
@@ -182,6 +199,7 @@ class LexLoRA:
     def delete_adapter(self, name: str) -> None:
         """Unload an adapter; its memory is freed once no call is using it."""
         loaded = self._get(name)
+        loaded.unloaded = True
         self.router.detach(loaded.lora)
         del self._adapters[name]
         if self.active_adapter == name:
@@ -337,10 +355,13 @@ class LexLoRA:
         return out_embeds, out_mask
 
 
-def check_adapter_name(name: str) -> None:
-    """Names are plain words: they appear in URLs and never reach outside an adapters dir."""
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
-        raise AdapterError(
-            f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
-            f"(starting with a letter or digit, at most {MAX_ADAPTER_NAME} characters, no '..')"
-        )
+def check_adapter_name(name: str, hub: bool = False) -> None:
+    """Names are plain words: they appear in URLs and never reach outside an adapters dir. With `hub`,
+    a Hub repo id (org/name, optionally @revision) is a name too."""
+    if isinstance(name, str) and ".." not in name and (ADAPTER_NAME.match(name) or (hub and HUB_NAME.match(name))):
+        return
+    also = "; or a Hub repo id org/name[@revision]" if hub else ""
+    raise AdapterError(
+        f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
+        f"(starting with a letter or digit, at most {MAX_ADAPTER_NAME} characters, no '..'){also}"
+    )

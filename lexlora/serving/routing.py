@@ -279,6 +279,13 @@ class LoraRouter:
         self._users: Counter[str] = Counter()
         self._route: Route | None = None
         self._busy = threading.Lock()
+        # A server sets this: a hook stays once made, so swapping adapters in and out while another
+        # thread runs the model never changes a module's hooks (only the first use of a layer does).
+        self.keep_hooks = False
+
+    def adds_hooks(self, weights: LoraWeights) -> bool:
+        """Whether attaching `weights` would hook a layer not hooked yet."""
+        return any(path not in self._hooks for path in weights.paths)
 
     def attach(self, weights: LoraWeights) -> None:
         for path in weights.paths:
@@ -291,7 +298,8 @@ class LoraRouter:
             self._users[path] -= 1
             if self._users[path] <= 0:
                 del self._users[path]
-                self._hooks.pop(path).remove()
+                if not self.keep_hooks:
+                    self._hooks.pop(path).remove()
 
     def _hook_for(self, path: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -47,6 +47,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=100, description="as transformers' repetition_penalty")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="a sampled request's seed: the same seed, the same output")
     stop: list[str] = Field([], max_length=MAX_STOP, description="the output ends before the first of these strings")
+    stream: bool = Field(False, description="server-sent events: `token` {index, text} as text is produced, then `done`")
 
     def sampling(self) -> "SamplingParams":
         """The decoding settings the engine runs (DataError if they do not go together)."""
@@ -107,7 +108,7 @@ class SkippedAdapter(BaseModel):
 
 class Health(BaseModel):
     status: str
-    adapters: int
+    adapters: int = Field(description="adapters resident now")
     engine: str = Field(description="continuous (rows join and leave at every decoder step) or static")
     pending: int = Field(description="requests waiting for a slot")
     active_rows: int = Field(0, description="rows decoding now")
@@ -115,9 +116,15 @@ class Health(BaseModel):
     rows: int = Field(description="inputs generated")
     mixed_batches: int = Field(description="model calls that mixed two or more adapters")
     row_steps: int = Field(0, description="rows summed over decoder steps (row_steps / batches: mean batch occupancy)")
+    resident_bytes: int = Field(0, description="bytes of the resident adapters' tensors")
+    max_resident: int = Field(0, description="the resident set's cap (lexlora serve --max-resident-adapters)")
+    loads: int = Field(0, description="adapter loads since startup")
+    evictions: int = Field(0, description="adapters evicted to make room")
+    load_failures: int = Field(0, description="adapter loads that failed")
     skipped: list[SkippedAdapter] = Field(
         default=[],
-        description="adapter dirs that failed to load at startup (lexlora serve --skip-invalid) and are still not loaded",
+        description="adapters that failed to load, at startup (lexlora serve --skip-invalid) or in the last "
+        "failure_ttl_s seconds, and are still not loaded",
     )
 
 

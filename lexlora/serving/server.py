@@ -1,14 +1,18 @@
-"""`run_server`: what `lexlora serve` does. It builds the registry, loads every adapter dir under
-the adapters dir, and serves the app with uvicorn until interrupted.
+"""`run_server`: what `lexlora serve` does. It builds the registry on one base and serves the app
+with uvicorn until interrupted. Adapters are loaded on first request (store.py), so startup reads
+one adapter's metadata at most (to learn the base, when --base is not given), whatever the number of
+adapter dirs; `--pin` / `--preload` load some at startup, `--preload-all` every dir (as before the
+store existed).
 
-An adapter dir that fails to load stops the server before it starts (one AdapterError naming every
-such dir and why), since a server quietly missing an adapter fails its clients later, with a 404
-far from the cause. With `skip_invalid` it serves the rest instead, and lists what it skipped at
-startup and in GET /health.
+An adapter that fails to load at startup stops the server before it starts (one AdapterError naming
+every such adapter and why), since a server quietly missing an adapter it was told to hold fails its
+clients later, far from the cause. With `skip_invalid` it serves without them instead, and lists
+them at startup and in GET /health.
 """
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,8 +20,10 @@ import torch
 import uvicorn
 
 from lexlora.adapters.catalog import find_adapters
+from lexlora.adapters.format import META_NAME
 from lexlora.errors import AdapterError, ConfigError, LexloraError
 from lexlora.serving.app import create_app
+from lexlora.serving.auth import api_key_from
 from lexlora.serving.registry import LexLoRA
 from lexlora.serving.settings import ServeSettings
 
@@ -25,28 +31,34 @@ logger = logging.getLogger(__name__)
 
 
 def run_server(settings: ServeSettings) -> int:
-    """Serve every adapter under `settings.adapters_dir` on `settings.host:settings.port`; returns
-    the exit status once uvicorn stops. AdapterError if the dir is missing, no base loads, or an
-    adapter fails to load (unless `settings.skip_invalid`)."""
-    found = find_adapters(settings.adapters_dir)
+    """Serve the adapters under `settings.adapters_dir` on `settings.host:settings.port`; returns the
+    exit status once uvicorn stops. AdapterError if the dir is missing, no base loads, or a pinned /
+    preloaded adapter fails to load (unless `settings.skip_invalid`)."""
+    root = Path(settings.adapters_dir)
+    if not root.is_dir():
+        raise AdapterError(f"adapters dir not found: {root}")
+    api_key_from(settings.api_key)  # a bad key is a ConfigError before any model loads
     settings = dataclasses.replace(settings, device=resolve_device(settings.device))
-    registry = _registry(settings, found)
+    registry = _registry(settings)
     registry.lexical_cache_entries = settings.lexical_cache_entries
-    failed = load_adapters(registry, found, allow_pickle=settings.allow_pickle)
+    registry.router.keep_hooks = True
+    wanted = _startup_names(settings)
+    failed = load_adapters(registry, root, wanted, allow_pickle=settings.allow_pickle)
     if failed and not settings.skip_invalid:
         raise AdapterError(
-            f"{len(failed)} of the {len(found)} adapter dirs in {settings.adapters_dir} failed to load "
-            f"(--skip-invalid serves the rest):{_listing(failed)}"
+            f"{len(failed)} of the {len(wanted)} adapters to load at startup failed "
+            f"(--skip-invalid serves without them):{_listing(failed)}"
         )
 
-    app = create_app(registry, settings.adapters_dir, settings, skipped=failed)
+    app = create_app(registry, root, settings, skipped=failed)
     url = f"http://{settings.host}:{settings.port}"
-    print(f"lexlora: serving {len(registry)} adapter(s) on {url} with {registry.device} (API docs: {url}/docs)",
-          flush=True)
+    store = app.state.store
+    print(f"lexlora: serving the adapters in {root} on {url} with {registry.device}, loaded on first request, "
+          f"at most {store.max_resident} resident (API docs: {url}/docs; OpenAI API: {url}/v1)", flush=True)
     for info in registry.list_adapters():
         print(f"  {info['name']}  inputs: {', '.join(info['input_fields'])}  ({info['path']})", flush=True)
     if failed:
-        print(f"lexlora: skipped {len(failed)} adapter dir(s) that failed to load:", flush=True)
+        print(f"lexlora: skipped {len(failed)} adapter(s) that failed to load:", flush=True)
         for name, reason in failed.items():
             print(f"  skipped {name}: {reason}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
@@ -67,33 +79,58 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_adapters(registry: LexLoRA, found: Sequence[Path], allow_pickle: bool = False) -> dict[str, str]:
-    """Load each dir under its dir name; returns the dirs that failed, name -> why."""
+def load_adapters(registry: LexLoRA, root: Path, names: Sequence[str], allow_pickle: bool = False) -> dict[str, str]:
+    """Load each named dir under `root`; returns the ones that failed, name -> why."""
     failed = {}
-    for path in found:
+    for name in names:
         try:
-            registry.load_adapter(path, name=path.name, allow_pickle=allow_pickle)
+            registry.load_adapter(root / name, name=name, allow_pickle=allow_pickle)
         except (LexloraError, OSError) as exc:
-            failed[path.name] = str(exc)
+            failed[name] = str(exc)
     return failed
 
 
-def _registry(settings: ServeSettings, found: Sequence[Path]) -> LexLoRA:
-    """A registry on `settings.base`, else on the base recorded by the first adapter whose base
-    loads. A dir passed over here is still tried by `load_adapters`, which reports it if it fails."""
+def _startup_names(settings: ServeSettings) -> list[str]:
+    """What startup loads: every dir with --preload-all, else the pins and preloads, in order, once."""
+    if settings.preload_all:
+        return [p.name for p in find_adapters(settings.adapters_dir)]
+    names = list(dict.fromkeys([*settings.pin, *settings.preload]))
+    missing = [n for n in names if not (Path(settings.adapters_dir) / n).is_dir()]
+    if missing:
+        raise AdapterError(f"--pin / --preload name adapters with no dir in {settings.adapters_dir}: {', '.join(missing)}")
+    return names
+
+
+def _registry(settings: ServeSettings) -> LexLoRA:
+    """A registry on `settings.base`, else on the base recorded by the first adapter (in name order)
+    whose base loads; dirs are read one at a time, so startup does not grow with their number."""
     if settings.base:
         return LexLoRA.from_pretrained(settings.base, device=settings.device)
     reasons = {}
-    for path in found:
+    for path in _adapter_dirs(Path(settings.adapters_dir), first=[*settings.pin, *settings.preload]):
         try:
             return LexLoRA.for_adapter(path, device=settings.device)
         except LexloraError as exc:
             logger.warning("cannot load the base of adapter %s: %s", path.name, exc)
             reasons[path.name] = str(exc)
+            if len(reasons) >= 5:
+                break
     raise AdapterError(
-        f"no adapter dir in {settings.adapters_dir} names a loadable base ({len(found)} found); "
+        f"no adapter dir in {settings.adapters_dir} names a loadable base ({len(reasons)} tried); "
         f"pass --base MODEL_ID{_listing(reasons)}"
     )
+
+
+def _adapter_dirs(root: Path, first: Sequence[str] = ()):
+    """Adapter dirs (those with a lexlora.json): the named ones first, then the rest in name order."""
+    for name in first:
+        if (root / name / META_NAME).is_file():
+            yield root / name
+    with os.scandir(root) as entries:
+        names = sorted(e.name for e in entries if e.is_dir())
+    for name in names:
+        if name not in first and (root / name / META_NAME).is_file():
+            yield root / name
 
 
 def _listing(reasons: Mapping[str, str]) -> str:

@@ -8,13 +8,22 @@ from pathlib import Path
 @dataclass
 class ServeSettings:
     # Where the adapters are, where to listen, and the base they share.
-    adapters_dir: Path = Path("adapters")  # each adapter dir under it is loaded under its dir name
+    adapters_dir: Path = Path("adapters")  # each adapter dir under it is served under its dir name
     host: str = "127.0.0.1"  # this machine only
     port: int = 8000
     base: str | None = None  # base model id or path; None: the first adapter's that loads
     device: str = "auto"  # "auto": CUDA when present, else CPU (as training picks); or any torch device
     allow_pickle: bool = False  # startup loads only; POST /adapters stays safetensors-only
-    skip_invalid: bool = False  # serve the adapters that load instead of refusing to start
+    skip_invalid: bool = False  # a pinned / preloaded adapter that fails: serve without it instead of refusing to start
+    # The adapter store: adapters are loaded on first request and kept in a bounded resident set.
+    max_resident_adapters: int = 128  # resident at once (least recently used without requests in flight evicted)
+    max_resident_mb: float | None = 512.0  # their tensors' size; None: no byte cap
+    pin: tuple[str, ...] = ()  # loaded at startup and never evicted
+    preload: tuple[str, ...] = ()  # loaded at startup (evictable)
+    preload_all: bool = False  # load every adapter dir at startup (as before the store): a failing one stops it
+    allow_hub: bool = False  # names org/name[@revision] load from the Hugging Face Hub (or its local cache)
+    failure_ttl_s: float = 10.0  # a failed load is answered from memory this long before it is retried
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" on every route but /health; env LEXLORA_API_KEY
     # Limits on each request.
     max_inputs: int = 64  # inputs per request
     max_input_chars: int = 1000  # per string (an input, or a record's field)
@@ -28,3 +37,4 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         self.adapters_dir = Path(self.adapters_dir)
+        self.pin, self.preload = tuple(self.pin or ()), tuple(self.preload or ())

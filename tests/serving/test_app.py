@@ -26,7 +26,8 @@ def test_health_and_list(server, adapters):
     status, listing = call(f"{url}/adapters")
     assert status == 200
     assert {a["name"] for a in listing["adapters"]} == {"desc", "plain", "files"}
-    assert listing["adapters"] == json.loads(json.dumps(adapters[2].list_adapters()))
+    by_name = sorted(adapters[2].list_adapters(), key=lambda a: a["name"])
+    assert listing["adapters"] == json.loads(json.dumps(by_name))  # the resident adapters, by name
     files = next(a for a in listing["adapters"] if a["name"] == "files")
     assert files["input_fields"] == ["file", "directory"]
 
@@ -45,13 +46,14 @@ def test_openapi_schema_and_docs(server):
     url, _ = server
     status, schema = call(f"{url}/openapi.json")
     assert status == 200
-    assert {"/health", "/adapters", "/adapters/{name}", "/generate"} <= set(schema["paths"])
+    assert {"/health", "/adapters", "/adapters/{name}", "/generate", "/v1/completions", "/v1/chat/completions",
+            "/v1/models"} <= set(schema["paths"])
     assert {"GenerateRequest", "GenerateResponse", "AdapterInfo"} <= set(schema["components"]["schemas"])
     body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/GenerateRequest"}
     assert set(schema["components"]["schemas"]["GenerateRequest"]["properties"]) == {
         "adapter", "inputs", "max_new_tokens", "num_beams", "min_new_tokens", "do_sample", "temperature", "top_k",
-        "top_p", "repetition_penalty", "seed", "stop"}
+        "top_p", "repetition_penalty", "seed", "stop", "stream"}
     with urllib.request.urlopen(f"{url}/docs", timeout=10) as response:
         assert response.status == 200 and b"swagger" in response.read().lower()
 
@@ -71,9 +73,14 @@ def test_load_at_run_time_then_delete(server, adapters):
     status, body = call(f"{url}/adapters/extra", "DELETE")
     assert status == 200 and body == {"deleted": "extra", "adapters": 3}
     assert "extra" not in registry
+    assert call(f"{url}/adapters/extra", "DELETE")[0] == 404
+    # Unloaded, not forgotten: its dir is still there, so its next request loads it again.
+    status, body = generate(url, "extra", ["a.py"])
+    assert status == 200 and "extra" in registry
+    assert call(f"{url}/adapters/extra", "DELETE")[0] == 200
+    shutil.rmtree(root / "extra")
     status, body = generate(url, "extra", ["a.py"])
     assert status == 404 and "extra" in body["detail"]
-    assert call(f"{url}/adapters/extra", "DELETE")[0] == 404
 
 def test_broken_adapter_dir_is_refused_with_its_error(server, adapters):
     url, _ = server

@@ -1,5 +1,6 @@
 """`lexlora serve` up to the point where uvicorn would take over (`run_server`): its options, which
-adapters it loads at startup, and what it does about those that fail. uvicorn.run is replaced, so
+adapters it loads at startup (none but --pin / --preload / --preload-all: the rest on first
+request), and what it does about those that fail. uvicorn.run is replaced, so
 nothing listens unless a test runs the app itself."""
 
 import shutil
@@ -54,7 +55,7 @@ def test_serve_loads_pickle_adapters_at_startup_only_with_allow_pickle(adapters,
     torch.save(load_file(str(root / "old" / WEIGHTS_NAME)), root / "old" / "adapter_model.bin")
     (root / "old" / WEIGHTS_NAME).unlink()
     options = {"allow": ["--allow-pickle"], "refuse": [], "skip": ["--skip-invalid"]}[mode]
-    code = main(["serve", "--adapters", str(root)] + options)
+    code = main(["serve", "--adapters", str(root), "--preload-all"] + options)
     if mode == "refuse":  # a pickle it may not read is a failing adapter: no server
         assert code == 2 and uvicorn_run == {}
         err = capsys.readouterr().err
@@ -82,10 +83,10 @@ def mixed_root(adapters, tmp_path):
 
 
 def test_serve_refuses_to_start_naming_every_adapter_that_fails(mixed_root, uvicorn_run, capsys):
-    assert main(["serve", "--adapters", str(mixed_root)]) == 2
+    assert main(["serve", "--adapters", str(mixed_root), "--preload-all"]) == 2
     assert uvicorn_run == {}  # nothing was served
     err = capsys.readouterr().err
-    assert err.startswith(f"lexlora: error: 2 of the 3 adapter dirs in {mixed_root} failed to load")
+    assert err.startswith("lexlora: error: 2 of the 3 adapters to load at startup failed")
     assert "--skip-invalid" in err
     lines = err.splitlines()
     assert any(line.strip().startswith("broken: ") and "not valid JSON" in line for line in lines), err
@@ -94,12 +95,12 @@ def test_serve_refuses_to_start_naming_every_adapter_that_fails(mixed_root, uvic
 
 
 def test_skip_invalid_serves_the_rest_and_lists_what_it_skipped(mixed_root, adapters, uvicorn_run, capsys):
-    assert main(["serve", "--adapters", str(mixed_root), "--skip-invalid", "--port", "8123"]) == 0
+    assert main(["serve", "--adapters", str(mixed_root), "--preload-all", "--skip-invalid", "--port", "8123"]) == 0
     assert (uvicorn_run["host"], uvicorn_run["port"]) == ("127.0.0.1", 8123)
     app = uvicorn_run["app"]
     assert sorted(app.state.registry.adapters) == ["plain"]
     out = capsys.readouterr().out
-    assert "serving 1 adapter(s)" in out and "skipped 2 adapter dir(s) that failed to load" in out
+    assert "  plain  inputs: filename" in out and "skipped 2 adapter(s) that failed to load" in out
     assert "skipped broken: " in out and "skipped xbase: " in out
     with running(app) as url:
         status, health = call(f"{url}/health")
@@ -119,7 +120,7 @@ def test_no_loadable_base_names_each_adapter_and_why(adapters, tmp_path, uvicorn
     assert main(["serve", "--adapters", str(root), "--skip-invalid"]) == 2
     assert uvicorn_run == {}
     err = capsys.readouterr().err
-    assert "no adapter dir in" in err and "names a loadable base (1 found); pass --base MODEL_ID" in err
+    assert "no adapter dir in" in err and "names a loadable base (1 tried); pass --base MODEL_ID" in err
     assert any(line.strip().startswith("broken: ") and "not valid JSON" in line for line in err.splitlines()), err
 
 
@@ -141,7 +142,7 @@ def test_serve_says_its_device_and_refuses_a_bad_one_before_loading(adapters, tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["serve", "--adapters", str(root)]) == 0
     assert uvicorn_run["app"].state.registry.device == torch.device("cpu")
-    assert "serving 1 adapter(s) on http://127.0.0.1:8000 with cpu" in capsys.readouterr().out
+    assert f"serving the adapters in {root} on http://127.0.0.1:8000 with cpu" in capsys.readouterr().out
     uvicorn_run.clear()
     for device, message in [("cdua", "--device 'cdua' is not a torch device"),
                             ("cuda", "--device 'cuda': torch sees no CUDA device here; use --device auto or cpu")]:
@@ -163,3 +164,34 @@ def test_serve_options_reach_the_engine(adapters, uvicorn_run):
     assert main(["serve", "--adapters", str(adapters[0]), "--skip-invalid", "--engine", "static"]) == 0
     assert uvicorn_run["app"].state.worker.name == "static"
     uvicorn_run["app"].state.worker.close()
+
+
+def test_startup_loads_nothing_and_each_adapter_loads_on_its_first_request(mixed_root, uvicorn_run, capsys):
+    """Without --preload-all a bad dir does not stop startup: it fails its own requests (and shows
+    in /health while its failure is remembered), and the good ones load when first asked for."""
+    assert main(["serve", "--adapters", str(mixed_root)]) == 0
+    app = uvicorn_run["app"]
+    assert len(app.state.registry) == 0 and app.state.store.known() == ["broken", "plain", "xbase"]
+    with running(app) as url:
+        assert call(f"{url}/health")[1]["adapters"] == 0
+        status, body = call(f"{url}/generate", "POST", {"adapter": "plain", "inputs": DESC_INPUTS})
+        assert status == 200 and len(body["outputs"]) == 2
+        for name, status, text in [("broken", 422, "not valid JSON"), ("xbase", 422, "different base"),
+                                   ("missing", 404, "no adapter named 'missing'")]:
+            answer = call(f"{url}/generate", "POST", {"adapter": name, "inputs": ["a.py"]})
+            assert answer[0] == status and text in answer[1]["detail"], (name, answer)
+        health = call(f"{url}/health")[1]
+        assert health["adapters"] == 1 and health["loads"] == 1 and health["load_failures"] == 3
+        assert [s["name"] for s in health["skipped"]] == ["broken", "xbase", "missing"]
+
+
+def test_pin_and_preload_load_at_startup_and_a_missing_name_stops_it(mixed_root, adapters, uvicorn_run, capsys):
+    shutil.copytree(adapters[0] / "desc", mixed_root / "desc")
+    assert main(["serve", "--adapters", str(mixed_root), "--pin", "desc", "--preload", "plain",
+                 "--max-resident-adapters", "1"]) == 0
+    store = uvicorn_run["app"].state.store
+    assert sorted(store.registry.adapters) == ["desc", "plain"] and store.max_resident == 1
+    assert store.acquire_sync("plain") and store._resident["desc"].pinned
+    uvicorn_run.clear()
+    assert main(["serve", "--adapters", str(mixed_root), "--pin", "nope"]) == 2
+    assert "--pin / --preload name adapters with no dir" in capsys.readouterr().err and uvicorn_run == {}
