@@ -66,6 +66,7 @@ class AdapterStore:
         self, registry: LexLoRA, root: str | Path | None, *, max_resident: int = 128,
         max_resident_bytes: int | None = 512 << 20, pins: tuple[str, ...] = (), allow_hub: bool = False,
         failure_ttl_s: float = 10.0, pause: Callable[[], ContextManager] | None = None, loader_threads: int = 2,
+        hub_cache_dir: str | Path | None = None,
     ):
         if max_resident < 1:
             raise AdapterError(f"max_resident must be at least 1, got {max_resident}")
@@ -75,6 +76,7 @@ class AdapterStore:
         self.max_resident_bytes = max_resident_bytes
         self.pins = tuple(pins)
         self.allow_hub = allow_hub
+        self.hub_cache_dir = hub_cache_dir  # None: huggingface_hub's (HF_HUB_CACHE)
         self.failure_ttl_s = failure_ttl_s
         self.base_id = registry.base_config.name_or_path
         self.pause = pause or nullcontext  # the worker's paused(), for changes that add hooks
@@ -302,12 +304,13 @@ class AdapterStore:
 
         repo_id, _, revision = name.partition("@")
         try:
-            return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES))
-        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-            raise AdapterNotFound(f"adapter {name!r}: not on the Hub ({type(exc).__name__})") from None
-        except LocalEntryNotFoundError:
+            return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_FILES,
+                                          cache_dir=self.hub_cache_dir))
+        except LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
             raise AdapterNotFound(f"adapter {name!r}: not in the local HF cache, and the Hub cannot be reached "
                                   f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '')!r})") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+            raise AdapterNotFound(f"adapter {name!r}: not on the Hub ({type(exc).__name__})") from None
         except (OSError, ValueError) as exc:
             raise AdapterError(f"adapter {name!r}: fetching it from the Hub failed ({type(exc).__name__}: {exc})") from None
 
