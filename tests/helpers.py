@@ -1,6 +1,7 @@
 """Builders shared by the model, adapter and training tests."""
 
 import json
+import time
 
 import torch
 
@@ -141,3 +142,11 @@ def write_config(tmp_path, data):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_YAML.format(overrides=json.dumps(TINY_T5), data=data))
     return path
+
+
+def wait_until(condition, what, timeout=20.0, poll=0.002):
+    """Poll `condition` until true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)

@@ -158,14 +158,14 @@ class GenerationService:
             raise ServiceError(400, f"{adapter!r} is the base model, which has no prompt template or input fields of "
                                     "its own: name one of its adapters (GET /v1/models)", param="model")
         try:
-            loaded = await self.store.acquire(adapter)
+            loaded, load_s = await self.store.acquire_timed(adapter)
         except AdapterNotFound as exc:
             self._count(route, None, 404, started)
             raise ServiceError(404, str(exc), param="model", code="model_not_found") from None
         except AdapterError as exc:  # a bad name, or the adapter failed to load (corrupt, foreign base)
             self._count(route, None, 422, started)
             raise ServiceError(422, str(exc), param="model", code="adapter_load_failed") from None
-        return loaded, time.monotonic() - started
+        return loaded, load_s
 
     def _check(self, loaded: LoadedAdapter, inputs: list[Any], params: SamplingParams) -> None:
         """Checked here, not in the worker, so a bad request fails alone instead of its batch."""

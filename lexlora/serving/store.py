@@ -97,12 +97,20 @@ class AdapterStore:
     async def acquire(self, name: str) -> LoadedAdapter:
         """The adapter, resident and held for this request until `release`; loads it if cold.
         AdapterNotFound, or the load's AdapterError."""
+        return (await self.acquire_timed(name))[0]
+
+    async def acquire_timed(self, name: str) -> tuple[LoadedAdapter, float]:
+        """`acquire`, and the seconds it waited for a load (0.0 when the adapter was resident)."""
+        loaded = self._hold(name)
+        if loaded is not None:
+            return loaded, 0.0
+        started = time.perf_counter()
         for _ in range(3):
+            await asyncio.wrap_future(self._load_future(name))
             loaded = self._hold(name)
             if loaded is not None:
-                return loaded
-            await asyncio.wrap_future(self._load_future(name))
-        return self._hold(name, last_try=True)
+                return loaded, time.perf_counter() - started
+        return self._hold(name, last_try=True), time.perf_counter() - started
 
     def acquire_sync(self, name: str, timeout: float | None = None) -> LoadedAdapter:
         for _ in range(3):

@@ -13,6 +13,7 @@ import pytest
 
 from lexlora.serving import create_app
 from lexlora.serving.decoding import SamplingParams
+from tests.helpers import wait_until
 from tests.serving import served
 from tests.serving.served import (
     DESC_INPUTS,
@@ -36,11 +37,6 @@ def health(url):
     return body
 
 
-def wait_for(condition, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_64_concurrent_clients_mixing_adapters_get_registry_generate_outputs(server, adapters):
@@ -81,11 +77,11 @@ def test_clients_that_disconnect_free_their_rows(server, adapters):
     rows_before = worker.stats["rows"]
     sockets = [raw_request(url, long) for _ in range(3)]
     try:
-        wait_for(lambda: health(url)["active_rows"] == 6, "the long requests to decode")
+        wait_until(lambda: health(url)["active_rows"] == 6, "the long requests to decode")
     finally:
         for sock in sockets:
             sock.close()  # gone mid-request
-    wait_for(lambda: health(url)["active_rows"] == 0, "the disconnected clients' rows to be dropped")
+    wait_until(lambda: health(url)["active_rows"] == 0, "the disconnected clients' rows to be dropped")
     assert health(url)["pending"] == 0
     assert generate(url, "desc", DESC_INPUTS) == (200, {"outputs": registry.generate(DESC_INPUTS, adapter="desc")})
     assert worker.stats["rows"] == rows_before + 2  # the dropped rows never finished; the new request's did

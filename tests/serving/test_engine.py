@@ -11,6 +11,7 @@ from lexlora.serving.decoding import SamplingParams
 from lexlora.serving.engine import Engine, GenerationFailed, QueueFull, ShuttingDown
 from lexlora.serving.running import RunningBatch
 from lexlora.serving.slots import SlotCache
+from tests.helpers import wait_until
 from tests.serving import served
 from tests.serving.served import DESC_INPUTS, FILES_INPUTS
 
@@ -59,11 +60,6 @@ SAMPLED = SamplingParams(do_sample=True, temperature=2.0, top_k=40, seed=7)
 LONG = SamplingParams(min_new_tokens=400, max_new_tokens=400)  # runs until cancelled, unloaded or closed
 
 
-def wait_until(condition, what, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
 
 
 def results(requests, timeout=60):

@@ -16,6 +16,7 @@ from lexlora.errors import AdapterError
 from lexlora.serving.registry import LexLoRA
 from lexlora.serving.store import AdapterNotFound, AdapterStore
 from tests.conftest import tiny_model_config
+from tests.helpers import wait_until
 from tests.serving import served
 from tests.serving.served import DESC_INPUTS
 
@@ -44,11 +45,6 @@ def make_store(registry, root, **options):
     return store
 
 
-def wait_until(condition, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def test_an_adapter_loads_on_first_use_and_then_is_a_hit(registry, root, adapters):
