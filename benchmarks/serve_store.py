@@ -147,7 +147,8 @@ class StoreServer(Server):
         totals: Counter = Counter()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.startswith("lexlora_adapter") and sample.name.endswith("_total"):
+                if sample.name.startswith("lexlora_adapter") and sample.name.endswith(("_total", "_seconds_sum",
+                                                                                       "_seconds_count")):
                     totals[sample.name] += sample.value
         return dict(totals)
 
@@ -305,6 +306,8 @@ class Arm:
             "no_load_timing": sum(math.isnan(ms) for ms in t.loads_ms),
             "loads": self.metrics.get("lexlora_adapter_loads_total", float("nan")),
             "evictions": self.metrics.get("lexlora_adapter_evictions_total", float("nan")),
+            "load_mean_ms": 1000 * self.metrics.get("lexlora_adapter_load_seconds_sum", float("nan"))
+            / max(self.metrics.get("lexlora_adapter_load_seconds_count", 0), 1),
             "rss_max": max(r for _, r in self.rss), "rss_first": statistics.mean(first),
             "rss_last": statistics.mean(last), "seconds": self.elapsed,
         }
@@ -379,6 +382,7 @@ def report(arms: dict[str, Arm], window: float, cap: int, count: int, logs: dict
         ("loads (/metrics) / answers that waited for one (load;dur > 0)", "{loads:.0f} / {cold_timing}"),
         ("evictions (/metrics)", "{evictions:.0f}"),
         ("load wait of those, median / p99 (ms)", "{cold_ms:.1f} / {cold_p99:.1f}"),
+        ("a load itself on the loader thread, mean (ms; /metrics)", "{load_mean_ms:.1f}"),
         ("good answers without load;dur", "{no_load_timing}"), ("RSS max (MB)", "{rss_max_mb:.0f}"),
         (f"RSS mean, first / last {window:g} s of load (MB)", "{rss_first_mb:.0f} / {rss_last_mb:.0f}"),
         ("seconds of load", "{seconds:.0f}"),

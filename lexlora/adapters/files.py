@@ -15,6 +15,7 @@ adapter under the final name. Never unpickles.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
 from lexlora.adapters.card import model_card
@@ -186,9 +188,10 @@ def read_weights(adapter_dir: Path, meta: AdapterMetadata, allow_pickle: bool = 
                 )
             return _read_pickle(adapter_dir / PICKLE_NAME, meta)
         raise AdapterError(f"{adapter_dir}: {WEIGHTS_NAME} is missing")
-    _check_sha256(weights, meta)
     try:
-        state = load_file(str(weights))
+        data = weights.read_bytes()  # read once: checksummed, then parsed from memory
+        _check_sha256(weights, meta, data)
+        state = load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
     if not state:
@@ -196,13 +199,16 @@ def read_weights(adapter_dir: Path, meta: AdapterMetadata, allow_pickle: bool = 
     return state
 
 
-def _check_sha256(path: Path, meta: AdapterMetadata) -> None:
+def _check_sha256(path: Path, meta: AdapterMetadata, data: bytes | None = None) -> None:
     recorded = meta.weights
     expected = recorded.sha256
     if recorded.file != path.name:
         logger.warning("%s: %s records the checksum of %s; this file is not verified", path, META_NAME, recorded.file)
         return
-    if expected and file_sha256(path) != expected:
+    if not expected:
+        return
+    actual = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
+    if actual != expected:
         raise AdapterError(f"{path}: checksum differs from {META_NAME}; the file is corrupted or was replaced")
 
 
@@ -326,8 +332,9 @@ def check_lora_state(state: dict[str, torch.Tensor], config: LoraConfig, adapter
         if not dot or kind not in ("A.weight", "B.weight"):
             continue  # other PEFT tensors: the loaders say whether they can use them
         module = path.removeprefix(PEFT_PREFIX)
+        new = module not in modules  # A and B share a module: matched once
         modules.add(module)
-        if targets is not None and not targeted(module, targets):
+        if new and targets is not None and not targeted(module, targets):
             raise AdapterError(
                 f"{source}: the weights hold LoRA for {module}, which target_modules {sorted(targets) if not isinstance(targets, str) else targets!r} "
                 "does not select; the config and the weights are from different adapters"

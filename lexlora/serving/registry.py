@@ -178,7 +178,8 @@ class LexLoRA:
     def _build(self, name: str, files: AdapterFiles) -> LoadedAdapter:
         source = str(files.weights_path)
         lora_state = {k: v for k, v in files.state.items() if not k.startswith(FUSION_PREFIX)}
-        lora = LoraWeights.from_peft_state(lora_state, files.lora_config, self.base, source, device=self.device)
+        lora = LoraWeights.from_peft_state(lora_state, files.lora_config, self.base, source, device=self.device,
+                                           modules=self.router.modules)
         fusion = {k[len(FUSION_PREFIX):]: v for k, v in files.state.items() if k.startswith(FUSION_PREFIX)}
         spec = files.spec
         if spec.fusion_enabled:

@@ -89,9 +89,11 @@ class LoraWeights:
         base: nn.Module,
         source: str,
         device: torch.device | str | None = None,
+        modules: Mapping[str, nn.Module] | None = None,
     ) -> "LoraWeights":
         """Build from PEFT's saved keys (`base_model.model.<path>.lora_{A,B}.weight`), checking every
-        path names a Linear of `base` and every shape fits it."""
+        path names a Linear of `base` and every shape fits it. `modules` is `base.named_modules()` as a
+        dict, when the caller keeps one (walking the model costs more than the rest of a load)."""
         for field, what in UNSUPPORTED.items():
             if getattr(config, field, None):
                 raise AdapterError(
@@ -114,7 +116,7 @@ class LoraWeights:
             raise AdapterError(f"{source}: unexpected tensor {key} (not a plain LoRA A/B weight)")
         if not pairs and not full:
             raise AdapterError(f"{source}: no LoRA weights found")
-        modules = dict(base.named_modules())
+        modules = modules if modules is not None else dict(base.named_modules())
         deltas = {}
         for path, pair in pairs.items():
             module = modules.get(path)
@@ -129,8 +131,10 @@ class LoraWeights:
                     f"{source}: {path} lora_A/lora_B have shapes {tuple(A.shape)}/{tuple(B.shape)}; "
                     f"rank {config.r} on this base needs {expected[0]}/{expected[1]}"
                 )
-            device_ = device if device is not None else module.weight.device
-            deltas[path] = LoraDelta(A.to(device_), B.to(device_), scaling)
+            device_ = torch.device(device) if device is not None else module.weight.device
+            if A.device != device_:  # each torch call hands the GIL over: none when it would copy nothing
+                A, B = A.to(device_), B.to(device_)
+            deltas[path] = LoraDelta(A, B, scaling)
         replaced = {path: _module_weights(path, params, modules.get(path), source, device) for path, params in full.items()}
         for path in deltas:
             if any(path == other or path.startswith(other + ".") for other in replaced):
@@ -168,6 +172,8 @@ def _module_weights(path: str, params: dict[str, torch.Tensor], module: nn.Modul
 
 def _check_complete(replaced: dict[str, ModuleWeights], roots: Sequence[str], modules: dict[str, nn.Module], source: str) -> None:
     """Every parameter-holding layer inside a module trained in full must come with the adapter."""
+    if not roots:
+        return
     for path, module in modules.items():
         if not path or not _under_saved_root(path, roots) or not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -282,6 +288,11 @@ class LoraRouter:
         # A server sets this: a hook stays once made, so swapping adapters in and out while another
         # thread runs the model never changes a module's hooks (only the first use of a layer does).
         self.keep_hooks = False
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The base's modules by path (walked once)."""
+        return self._modules
 
     def adds_hooks(self, weights: LoraWeights) -> bool:
         """Whether attaching `weights` would hook a layer not hooked yet."""

@@ -105,20 +105,30 @@ class AdapterStore:
         if loaded is not None:
             return loaded, 0.0
         started = time.perf_counter()
-        for _ in range(3):
-            await asyncio.wrap_future(self._load_future(name))
-            loaded = self._hold(name)
-            if loaded is not None:
-                return loaded, time.perf_counter() - started
-        return self._hold(name, last_try=True), time.perf_counter() - started
+        future = self._load_future(name)
+        try:
+            # Shielded: one waiter giving up must not cancel the load the others wait for.
+            loaded = await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_unclaimed)
+            raise
+        return loaded, time.perf_counter() - started
 
     def acquire_sync(self, name: str, timeout: float | None = None) -> LoadedAdapter:
-        for _ in range(3):
-            loaded = self._hold(name)
-            if loaded is not None:
-                return loaded
-            self._load_future(name).result(timeout)
-        return self._hold(name, last_try=True)
+        loaded = self._hold(name)
+        if loaded is not None:
+            return loaded
+        future = self._load_future(name)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.add_done_callback(self._release_unclaimed)
+            raise
+
+    def _release_unclaimed(self, future: concurrent.futures.Future) -> None:
+        """A waiter left before its load landed: give back the use the load counted for it."""
+        if not future.cancelled() and future.exception() is None:
+            self.release(future.result())
 
     def release(self, loaded: LoadedAdapter) -> None:
         """A request holding `loaded` is done with it."""
@@ -136,9 +146,9 @@ class AdapterStore:
                         del self._retired[id(loaded)]
                         self.registry.router.detach(loaded.lora)
                 return
-        self._pool.submit(self._trim)  # over the caps while it was in use: evict now
+        self._trim()  # over the caps while it was in use: evict now (cheap: no file is read)
 
-    def _hold(self, name: str, last_try: bool = False) -> LoadedAdapter | None:
+    def _hold(self, name: str) -> LoadedAdapter | None:
         with self._lock:
             holder = self._resident.get(name)
             if holder is not None and holder.loaded.unloaded:  # deleted from the registry directly
@@ -153,14 +163,12 @@ class AdapterStore:
                 self._resident.move_to_end(name)
                 self.stats["hits"] += 1
                 return holder.loaded
-        if last_try:  # evicted three times between its load and this request: the set is thrashing
-            raise AdapterError(f"adapter {name!r} was evicted before its request could start; "
-                               "raise --max-resident-adapters / --max-resident-mb")
         return None
 
     def _load_future(self, name: str, retry: bool = False) -> concurrent.futures.Future:
-        """The running load of `name`, or a new one (one load however many requests wait for it).
-        A recent failure is raised again, unless `retry`."""
+        """The running load of `name`, or a new one (one load however many requests wait for it),
+        with one more waiter: the load lands holding the adapter once for each, so nothing can evict
+        it before they run. A recent failure is raised again, unless `retry`."""
         with self._lock:
             if retry:
                 self._failed.pop(name, None)
@@ -174,7 +182,9 @@ class AdapterStore:
                 self.check_name(name)
                 self.stats["misses"] += 1
                 future = self._loading[name] = concurrent.futures.Future()
+                future.waiters = 0
                 self._pool.submit(self._load, name, future)
+            future.waiters += 1
             return future
 
     # ---- loading (loader threads) --------------------------------------------------------------------
@@ -182,7 +192,7 @@ class AdapterStore:
         started = time.perf_counter()
         try:
             loaded = self.registry.build_adapter(self.locate(name), name)
-            self._install(loaded)
+            self._install(loaded, future)
         except Exception as exc:
             error = exc if isinstance(exc, LexloraError) else AdapterError(f"adapter {name!r}: {type(exc).__name__}: {exc}")
             if not isinstance(exc, LexloraError):
@@ -195,16 +205,14 @@ class AdapterStore:
                     del self._loading[name]
             future.set_exception(error)
             return
-        with self._lock:
-            if self._loading.get(name) is future:
-                del self._loading[name]
         seconds = time.perf_counter() - started
         for observe in list(self.on_load):
             observe(seconds)
         future.set_result(loaded)
 
-    def _install(self, loaded: LoadedAdapter) -> None:
-        """Make room, then put `loaded` in (in place of the resident one of its name, if any)."""
+    def _install(self, loaded: LoadedAdapter, future: concurrent.futures.Future) -> None:
+        """Make room, then put `loaded` in (in place of the resident one of its name, if any), held
+        once for each waiter of `future`."""
         name = loaded.name
         with self._commit, (self.pause() if self.registry.router.adds_hooks(loaded.lora) else nullcontext()):
             with self._lock:
@@ -216,7 +224,9 @@ class AdapterStore:
                 for victim in victims:
                     self.registry.delete_adapter(victim)
                 self.registry.install(loaded, replace=old is not None)
-                self._resident[name] = _Resident(loaded, pinned=name in self.pins)
+                if self._loading.get(name) is future:  # no one joins it from here on
+                    del self._loading[name]
+                self._resident[name] = _Resident(loaded, users=getattr(future, "waiters", 0), pinned=name in self.pins)
                 self._failed.pop(name, None)
                 self.stats["loads"] += 1
                 self.stats["evictions"] += len(victims)
@@ -254,10 +264,7 @@ class AdapterStore:
     # ---- explicit changes (HTTP POST / PUT / DELETE, startup) ----------------------------------------
     def load(self, name: str) -> LoadedAdapter:
         """Make `name` resident now (a no-op when it is), retrying a recent failure; its errors are raised."""
-        loaded = self._hold(name)
-        if loaded is None:
-            self._load_future(name, retry=True).result()
-            loaded = self._hold(name, last_try=True)
+        loaded = self._hold(name) or self._load_future(name, retry=True).result()
         self.release(loaded)
         return loaded
 

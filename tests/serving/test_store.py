@@ -55,7 +55,7 @@ def test_an_adapter_loads_on_first_use_and_then_is_a_hit(registry, root, adapter
     assert registry.generate(DESC_INPUTS, adapter="desc") == adapters[2].generate(DESC_INPUTS, adapter="desc")
     store.release(loaded)
     assert store.acquire_sync("desc") is loaded
-    assert store.stats["loads"] == 1 and store.stats["hits"] == 2 and store.stats["misses"] == 1
+    assert store.stats["loads"] == 1 and store.stats["hits"] == 1 and store.stats["misses"] == 1
 
 
 def test_concurrent_requests_for_one_cold_adapter_load_it_once(registry, root, monkeypatch):
@@ -109,7 +109,8 @@ def test_pinned_adapters_are_never_evicted(registry, root):
     for name in ("plain", "files"):
         store.release(store.acquire_sync(name))
     assert "desc" in registry and store._resident["desc"].pinned
-    assert sorted(registry.adapters) == ["desc", "files"]
+    # The pin fills the cap of 1: each other adapter leaves as soon as its request is done.
+    assert sorted(registry.adapters) == ["desc"] and store.stats["evictions"] == 2
 
 
 def test_failures_are_remembered_briefly_and_touch_no_other_adapter(registry, root):
@@ -220,3 +221,39 @@ def test_hub_repos_load_from_the_local_hf_cache_offline(registry, root, tmp_path
     closed = make_store(LexLoRA.from_config(tiny_model_config()), root, hub_cache_dir=cache)
     with pytest.raises(AdapterError, match="invalid adapter name"):  # Hub ids need --allow-hub
         closed.acquire_sync("someorg/desc-adapter")
+
+
+def test_a_fresh_load_cannot_be_evicted_before_its_waiters_hold_it(registry, root, monkeypatch):
+    """Over the cap (everything else in use), another request's release trims the set; the adapter
+    that just landed is already held for the request that waited for it, so it stays."""
+    store = make_store(registry, root, max_resident=1)
+    held = store.acquire_sync("desc")
+    real_install = store._install
+
+    def install_then_trim(loaded, future):
+        real_install(loaded, future)
+        store._trim()  # what a release() on another thread may do right now
+
+    monkeypatch.setattr(store, "_install", install_then_trim)
+    loaded = store.acquire_sync("plain")
+    assert registry.adapters.get("plain") is loaded and store._resident["plain"].users == 1
+    store.release(loaded)  # idle and over the cap now: evicted
+    assert "plain" not in registry and "desc" in registry
+    store.release(held)
+
+
+def test_a_waiter_that_gives_up_returns_its_use(registry, root, monkeypatch):
+    import asyncio
+
+    store = make_store(registry, root)
+    gate = threading.Event()
+    real = registry.build_adapter
+    monkeypatch.setattr(registry, "build_adapter", lambda *a, **k: (gate.wait(10), real(*a, **k))[1])
+
+    async def give_up():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.acquire("plain"), 0.05)
+
+    asyncio.run(give_up())
+    gate.set()
+    wait_until(lambda: "plain" in registry and store._resident["plain"].users == 0, "the load to land, unheld")
