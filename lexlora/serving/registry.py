@@ -13,6 +13,7 @@ dims), prompt template, fields and generation defaults. Nothing is changed by a 
 
 from __future__ import annotations
 
+import functools
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,8 +66,9 @@ class LoadedAdapter:
         return RowPlan(self.spec, self.metadata.max_source_length, max_new_tokens or generation.max_new_tokens,
                        num_beams or generation.num_beams, adapter=self)
 
-    @property
+    @functools.cached_property
     def memory_bytes(self) -> int:
+        # Cached: its tensors never change, and a store sums this over every resident adapter.
         return self.lora.nbytes + sum(t.nbytes for t in self.fusion.values())
 
     def describe(self) -> dict[str, Any]:
