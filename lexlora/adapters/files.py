@@ -191,7 +191,7 @@ def read_weights(adapter_dir: Path, meta: AdapterMetadata, allow_pickle: bool = 
     try:
         data = weights.read_bytes()  # read once: checksummed, then parsed from memory
         _check_sha256(weights, meta, data)
-        state = load_safetensors(data)
+        state = dict(sorted(load_safetensors(data).items()))  # parsed from bytes the order varies: fix it
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights}: not a readable safetensors file ({exc})") from None
     if not state:
