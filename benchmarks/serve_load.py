@@ -189,24 +189,30 @@ def decode_floor(base, rows: int) -> tuple[float, float]:
 
 # ---- over HTTP -----------------------------------------------------------------------------------
 class Server:
-    def __init__(self, adapters_dir: Path, port: int, engine: str):
+    """`lexlora serve` as a subprocess, up once /health answers (`startup_s`: from process start)."""
+
+    def __init__(self, adapters_dir: Path, port: int, engine: str = "continuous", flags: tuple[str, ...] = (),
+                 poll_s: float = 0.5, timeout_s: float = 180):
         self.port = port
         self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+        started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lexlora.cli", "serve", "--adapters", str(adapters_dir), "--port", str(port),
-             "--engine", engine, "--max-queue", "512"],
+             "--engine", engine, "--max-queue", "512", *flags],
             stdout=subprocess.DEVNULL, stderr=self.log, text=True,
         )
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 self.health()
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     self.log.seek(0)
                     raise RuntimeError(f"the server did not start: {self.log.read()[-2000:]}") from None
-                time.sleep(0.5)
+                time.sleep(poll_s)
+        self.startup_s = time.perf_counter() - started
 
     def health(self) -> dict:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
