@@ -164,7 +164,7 @@ def create_app(
         """Make an adapter resident now rather than on its first request."""
         if request.name in registry:
             raise HTTPException(409, f"an adapter named {request.name!r} is already loaded")
-        loaded = _store_call(store.load, request.name)
+        loaded = _store_call(store, store.load, request.name)
         logger.info("loaded adapter %s from %s", request.name, loaded.path)
         return loaded.describe()
 
@@ -172,7 +172,7 @@ def create_app(
     def replace_adapter(name: str) -> dict[str, Any]:
         """Reload an adapter from its dir (or Hub repo) as it is now: requests in flight finish on the
         old weights, new ones get the new. A failed load leaves the old one serving."""
-        loaded = _store_call(store.replace, name)
+        loaded = _store_call(store, store.replace, name)
         logger.info("replaced adapter %s from %s", name, loaded.path)
         return loaded.describe()
 
@@ -227,15 +227,16 @@ def make_worker(registry: LexLoRA, settings: ServeSettings) -> Engine | Batcher:
     return Batcher(registry, max_rows=settings.max_batch_rows, wait_s=settings.batch_wait_ms / 1000)
 
 
-def _store_call(method, name: str):
-    """A store change answered as HTTP: 404 unknown, 400 an impossible name, 422 a failed load."""
+def _store_call(store: AdapterStore, method, name: str):
+    """A store change answered as HTTP: 400 an impossible name, 404 unknown, 422 a failed load."""
+    try:
+        store.check_name(name)
+    except AdapterError as exc:
+        raise HTTPException(400, str(exc)) from None
     try:
         return method(name)
     except AdapterNotFound as exc:
         raise HTTPException(404, str(exc)) from None
-    except AdapterError as exc:
-        status = 400 if str(exc).startswith("invalid adapter name") else 422
-        raise HTTPException(status, str(exc)) from None
     except (LexloraError, OSError) as exc:
         raise HTTPException(422, str(exc)) from None
 

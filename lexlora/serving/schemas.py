@@ -4,15 +4,13 @@ make up the OpenAPI schema) and the checks that turn a request body into a `Gene
 
 `parse_generate_request` takes any body to a request or a `RequestError` (422 malformed, 413 too
 large), never another exception (property-tested with hypothesis in tests/test_properties.py).
-Clients only ever name adapters; `resolve_adapter_dir` keeps a name from becoming a path.
+Clients only ever name adapters; the adapter store (store.py) keeps a name from becoming a path.
 """
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lexlora.errors import AdapterError, RequestError
@@ -56,13 +54,6 @@ class GenerateRequest(BaseModel):
             do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=tuple(self.stop),
         )
-
-    @property
-    def uses_engine_only_options(self) -> list[str]:
-        """Options the static batcher cannot honour (it runs greedy or beam search only)."""
-        defaults = GenerateRequest.model_fields
-        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
-        return [n for n in names if getattr(self, n) != defaults[n].default]
 
 
 class GenerateResponse(BaseModel):
@@ -215,19 +206,6 @@ def parse_generate_request(
 def _json_type(value: Any) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def resolve_adapter_dir(adapters_dir: Path, name: str) -> Path:
-    """The dir `name` directly under `adapters_dir`, or 400: a client names adapters, never paths."""
-    try:
-        check_adapter_name(name)
-    except AdapterError as exc:
-        raise HTTPException(400, str(exc)) from None
-    root = adapters_dir.resolve()
-    path = (root / name).resolve()  # follows symlinks: a link pointing elsewhere is refused below
-    if path.parent != root:
-        raise HTTPException(400, f"adapter {name!r} is not a dir directly under the adapters dir")
-    return path
 
 
 def validation_message(errors: Sequence[Any], limit: int = 5) -> str:

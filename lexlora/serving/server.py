@@ -12,7 +12,6 @@ them at startup and in GET /health.
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def _startup_names(settings: ServeSettings) -> list[str]:
 
 def _registry(settings: ServeSettings) -> LexLoRA:
     """A registry on `settings.base`, else on the base recorded by the first adapter (in name order)
-    whose base loads; dirs are read one at a time, so startup does not grow with their number."""
+    whose base loads. Only that adapter's metadata is read: the others cost startup a stat each."""
     if settings.base:
         return LexLoRA.from_pretrained(settings.base, device=settings.device)
     reasons = {}
@@ -121,16 +120,10 @@ def _registry(settings: ServeSettings) -> LexLoRA:
     )
 
 
-def _adapter_dirs(root: Path, first: Sequence[str] = ()):
-    """Adapter dirs (those with a lexlora.json): the named ones first, then the rest in name order."""
-    for name in first:
-        if (root / name / META_NAME).is_file():
-            yield root / name
-    with os.scandir(root) as entries:
-        names = sorted(e.name for e in entries if e.is_dir())
-    for name in names:
-        if name not in first and (root / name / META_NAME).is_file():
-            yield root / name
+def _adapter_dirs(root: Path, first: Sequence[str] = ()) -> list[Path]:
+    """Adapter dirs (those with a lexlora.json): the named ones first, then the rest by name."""
+    named = [root / name for name in first if (root / name / META_NAME).is_file()]
+    return named + [p for p in find_adapters(root) if p not in named]
 
 
 def _listing(reasons: Mapping[str, str]) -> str:

@@ -35,7 +35,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from lexlora.adapters.format import META_NAME
+from lexlora.adapters.catalog import find_adapters
 from lexlora.errors import AdapterError, LexloraError
 from lexlora.serving.registry import (
     ADAPTER_NAME,
@@ -334,9 +334,7 @@ class AdapterStore:
         resident adapters that came from elsewhere (the Hub)."""
         names = []
         if self.root is not None and self.root.is_dir():
-            with os.scandir(self.root) as entries:
-                names = sorted(e.name for e in entries
-                               if ADAPTER_NAME.match(e.name) and os.path.isfile(os.path.join(e.path, META_NAME)))
+            names = [p.name for p in find_adapters(self.root) if p != self.root and ADAPTER_NAME.match(p.name)]
         with self._lock:
             extra = [n for n in self._resident if n not in set(names)]
         return names + sorted(extra)
