@@ -81,7 +81,12 @@ class Stream:
                 if event is _END:
                     break
                 yield event
-            self.completion = self.service._finished(self.route, self.loaded, self.request, self.load_s, self.started)
+            try:
+                self.completion = self.service._finished(self.route, self.loaded, self.request, self.load_s,
+                                                         self.started)
+            except ServiceError as exc:  # complete() counts its own errors; a stream counts here
+                self.service._count(self.route, self.loaded.name, exc.status, self.started, self.request)
+                raise
         finally:
             self.cancel()
 
@@ -205,10 +210,8 @@ class GenerationService:
         if request.future.cancelled():
             raise ServiceError(499, "the request was cancelled")
         exc = request.future.exception()
-        if exc is not None:
-            error = _service_error(exc)
-            self._count(route, loaded.name, error.status, started, request)
-            raise error
+        if exc is not None:  # counted by the caller, as every other error is
+            raise _service_error(exc)
         completion = Completion(list(request.future.result()), [r or "stop" for r in request.finish_reasons],
                                 request.prompt_tokens, request.completion_tokens, _timing(request, load_s))
         self._count(route, loaded.name, 200, started, request, completion)

@@ -178,3 +178,19 @@ def test_api_key_guards_every_route_but_health(adapters, tmp_path):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert "desc" in [m.id for m in client.models.list().data]
+
+
+def test_a_request_failing_midway_is_counted_once(fresh):
+    url, app, _ = fresh
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=generate(url, "swap", DESC_INPUTS, **LONG)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while app.state.worker.active_rows == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert call(f"{url}/adapters/swap", "DELETE")[0] == 200  # its rows fail at the next step
+    thread.join(30)
+    assert result["answer"][0] == 404
+    samples = scrape(url)
+    assert samples[("lexlora_requests_total", frozenset({"adapter": "swap", "route": "/generate", "status": "404"}.items()))] == 1
