@@ -29,7 +29,14 @@ TRACKERS = ("tensorboard", "wandb")
 QUANTIZATION = ("none", "8bit", "4bit")
 DUPLICATE_IDS = ("warn", "drop", "refuse", "ignore")
 LONG_TARGETS = ("truncate", "refuse")
-DATA_FORMATS = ("auto", "jsonl", "json", "csv", "hf")
+# hf: a dataset saved with save_to_disk; hub: a Hugging Face dataset id (offline: the HF datasets cache).
+DATA_FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "hf", "hub")
+# seq2seq: the encoder-decoder generates the target text; classification: the encoder alone with a
+# new head over the target field's labels (lexlora.model.classifier).
+MODEL_TASKS = ("seq2seq", "classification")
+POOLINGS = ("mean", "first")  # how a classifier reduces the encoder's states to one vector per row
+CLASS_WEIGHTS = ("none", "balanced")
+CLASSIFIER_METRICS = ("val_loss", "accuracy", "macro_f1")
 LORA_BIASES = ("none", "all", "lora_only")  # peft.LoraConfig's; it accepts any other and fails later
 
 
@@ -46,6 +53,20 @@ class ModelConfig:
     # Cheaper drop-in modules in the base (lexlora/fast_ops.py): CPU dropout masks from packed random
     # bits, and transformers' C tanh-GELU for its Python gelu_new (equal up to rounding).
     fast_ops: bool = True
+    # seq2seq or classification (the encoder + a classification head; see ClassifierConfig).
+    task: str = "seq2seq"
+
+
+@dataclass
+class ClassifierConfig:
+    """The head of a model.task=classification adapter: trained in full, saved with the adapter."""
+
+    # mean: the masked mean of the encoder's last states (what sentence-transformers' MiniLM was
+    # trained for; T5 and BART encoders have no [CLS] token); first: the first position ([CLS]).
+    pooling: str = "mean"
+    dropout: float = 0.1
+    # none, or balanced: each label weighted n / (labels * count) in the loss, counted on the train split.
+    class_weights: str = "none"
 
 
 @dataclass
@@ -78,6 +99,8 @@ class DataConfig:
     path: str = "examples/python_stdlib.jsonl"
     # auto (from the extension; a directory is a saved HF dataset), jsonl, json, csv or hf.
     format: str = "auto"
+    # The subset (config name) of a Hugging Face dataset id (data.format=hub), e.g. "plain_text".
+    subset: Optional[str] = None
     input_template: str = "{filename}"
     target_field: str = "description"
     # Field whose text is embedded for fusion; None: the template's only field.
@@ -184,6 +207,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -208,6 +232,22 @@ class Config:
         if "train" not in self.data.splits:
             raise ConfigError("data.splits needs a 'train' entry, e.g. data.splits.train='[:90%]'")
         self._check_evaluation()
+        self._check_classification()
+
+    @property
+    def classifies(self) -> bool:
+        return self.model.task == "classification"
+
+    def _check_classification(self) -> None:
+        if not self.classifies:
+            return
+        if self.train.eval_metric not in CLASSIFIER_METRICS:
+            raise ConfigError(
+                f"train.eval_metric={self.train.eval_metric} is not computed for model.task=classification; "
+                f"use one of {', '.join(CLASSIFIER_METRICS)}"
+            )
+        if self.data.task == "text":
+            raise ConfigError("model.task=classification predicts labels: data.task must be labels or auto, got text")
 
     def value(self, key: str) -> Any:
         """The value of a dotted key, e.g. "train.learning_rate"."""
@@ -273,6 +313,7 @@ NUMERIC_RULES: dict[str, Range] = {
     "lora.r": AT_LEAST_1,
     "lora.alpha": MORE_THAN_0,
     "lora.dropout": Range(0, 1, high_open=True),
+    "classifier.dropout": Range(0, 1, high_open=True),
     "fusion.embedding_batch_size": AT_LEAST_1,
     "data.shuffle_seed": SEED,
     "data.max_source_length": AT_LEAST_1,
@@ -301,6 +342,9 @@ NUMERIC_RULES: dict[str, Range] = {
 
 CHOICES: dict[str, Sequence[str]] = {
     "model.quantization": QUANTIZATION,
+    "model.task": MODEL_TASKS,
+    "classifier.pooling": POOLINGS,
+    "classifier.class_weights": CLASS_WEIGHTS,
     "lora.bias": LORA_BIASES,
     "fusion.mode": FUSION_MODES,
     "data.format": DATA_FORMATS,
