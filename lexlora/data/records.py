@@ -1,8 +1,11 @@
-"""Read records from JSONL, JSON, CSV or a saved HF dataset, and validate them before any model work.
+"""Read records from JSONL, JSON, CSV, parquet, a saved HF dataset or a Hugging Face dataset id, and
+validate them before any model work.
 
 Text formats are parsed with the standard library rather than Arrow's readers: Arrow reports byte
 blocks instead of line numbers and coerces types (a CSV filename "123" becomes an int), while users
-need "file.jsonl line 7: field 'file_desc' is missing". Saved datasets go through `datasets`.
+need "file.jsonl line 7: field 'file_desc' is missing". Parquet files, saved datasets and dataset
+ids go through `datasets` (lexlora.data.arrow_sources): their rows are 0-based ("file.parquet row
+7", "imdb train row 7"), and each record keeps its source split for `data.splits` ("train[:90%]").
 
 Whatever the bytes of a file, `read_records` returns records or raises `DataError` (tested with
 hypothesis): undecodable bytes, JSON nested too deeply, numbers too long to convert, CSV fields over
@@ -24,9 +27,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 from lexlora.config import DUPLICATE_IDS
+from lexlora.data.arrow_sources import ARROW_FORMATS, RowProblem, arrow_rows
 from lexlora.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -38,10 +42,18 @@ DEFAULT_ID_FIELD = "id"
 
 @dataclass(frozen=True)
 class Record:
-    """One validated record and where it came from (1-based line, or row for saved datasets)."""
+    """One validated record and where it came from: its 1-based line, or for Arrow sources
+    (unit "row") its 0-based row in `split`, the source's own split (None for a file without splits)."""
 
     line: int
     fields: dict[str, str]
+    split: str | None = None
+    unit: str = "line"
+
+    @property
+    def place(self) -> str:
+        """"line 7", "row 7" or "train row 7", for messages."""
+        return f"{self.split + ' ' if self.split else ''}{self.unit} {self.line}"
 
 
 @dataclass(frozen=True)
@@ -53,12 +65,22 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-def detect_format(path: Path, fmt: str = "auto") -> str:
+def detect_format(path: str | Path, fmt: str = "auto") -> str:
+    """`fmt` unless auto: a directory is a saved dataset (save_to_disk) or else a dataset directory of
+    data files (hub: load_dataset reads it); a path that does not exist but reads as a dataset id
+    (`name`, `org/name`) is hub; otherwise the extension says."""
+    from lexlora.data.arrow_sources import is_saved_dataset, looks_like_dataset_id
+
     if fmt != "auto":
         return fmt
+    name, path = str(path), Path(path)
     if path.is_dir():
-        return "hf"
+        return "hf" if is_saved_dataset(path) else "hub"
+    if not path.exists() and looks_like_dataset_id(name):
+        return "hub"
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
@@ -67,7 +89,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return "csv"
     raise DataError(
         f"{path}: cannot tell the format from the extension {suffix!r}; "
-        "use .jsonl, .json, .csv, a saved dataset directory, or set data.format"
+        "use .jsonl, .json, .csv, .parquet, a dataset directory or id, or set data.format"
     )
 
 
@@ -79,37 +101,47 @@ def read_records(
     skip_invalid: bool = False,
     id_field: str | None = None,
     on_duplicate_id: str = "warn",
+    subset: str | None = None,
+    source_splits: Collection[str] | None = None,
 ) -> list[Record]:
     """All valid records of `path`, keeping only `required_fields` (all must be non-null strings;
     the target must not be blank). Invalid records raise `DataError` naming file, line and field,
     or with `skip_invalid` are skipped and counted in a warning. Rows repeating an earlier id
-    (`id_field`, default `id` when present) are handled by `on_duplicate_id` (see the module doc)."""
+    (`id_field`, default `id` when present) are handled by `on_duplicate_id` (see the module doc).
+    For a source with splits (a DatasetDict), `source_splits` names the ones to read (None: all;
+    one it lacks is an error listing those it has); `subset` is a dataset id's config name."""
     if on_duplicate_id not in DUPLICATE_IDS:
         raise ConfigError(f"data.on_duplicate_id must be one of {', '.join(DUPLICATE_IDS)}; got {on_duplicate_id!r}")
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
     fmt = detect_format(path, fmt)
-    readers = {"jsonl": _iter_jsonl, "json": _iter_json, "csv": _iter_csv, "hf": _iter_hf}
-    if fmt not in readers:
+    if fmt != "hub" and not Path(path).exists():
+        raise DataError(f"data file not found: {path}")
+    path = Path(path) if fmt != "hub" else path
+    readers = {"jsonl": _iter_jsonl, "json": _iter_json, "csv": _iter_csv}
+    if fmt not in (*readers, *ARROW_FORMATS):
         raise DataError(f"{path}: unknown data format {fmt!r}")
-    if fmt != "hf" and path.is_dir():
+    if fmt not in ("hf", "hub") and path.is_dir():
         raise DataError(f"{path}: is a directory, not a {fmt} file (a saved dataset needs data.format=hf or auto)")
-    where_word = "row" if fmt == "hf" else "line"
+    where_word = "row" if fmt in ARROW_FORMATS else "line"
 
     records: list[Record] = []
     problems: list[Problem] = []
-    ids: dict[str, int] = {}  # id (as JSON) -> line of its first record
-    duplicates: list[tuple[str, int, int]] = []  # (id, first line, this line)
+    ids: dict[str, tuple[str | None, int]] = {}  # id (as JSON) -> (split, line) of its first record
+    duplicates: list[tuple[str, tuple[str | None, int], tuple[str | None, int]]] = []  # (id, first, this)
     rows = 0
     fields_seen: dict[str, None] = {}  # every key of every object row, in order of appearance
     id_name = id_field or DEFAULT_ID_FIELD
     try:
-        for line, raw in readers[fmt](path, required_fields):
+        rows_of = (arrow_rows(fmt, path, required_fields, subset, source_splits, id_name) if fmt in ARROW_FORMATS
+                   else ((None, line, raw) for line, raw in readers[fmt](path, required_fields)))
+        for split, line, raw in rows_of:
             rows += 1
-            where = f"{path} {where_word} {line}"
+            place = f"{split} {where_word} {line}" if split else f"{where_word} {line}"
+            where = f"{path} {place}"
             if isinstance(raw, Problem):
                 problems.append(raw)
+                continue
+            if isinstance(raw, RowProblem):
+                problems.append(Problem(where, raw.message))
                 continue
             if isinstance(raw, dict):
                 fields_seen.update(dict.fromkeys(k for k in raw if isinstance(k, str)))
@@ -120,17 +152,17 @@ def read_records(
             if on_duplicate_id != "ignore" and raw.get(id_name) is not None:
                 key = _id_key(raw[id_name])
                 if key in ids:
-                    duplicates.append((key, ids[key], line))
+                    duplicates.append((key, ids[key], (split, line)))
                     if on_duplicate_id == "drop":
                         continue
                 else:
-                    ids[key] = line
-            records.append(Record(line, {name: raw[name] for name in required_fields}))
+                    ids[key] = (split, line)
+            records.append(Record(line, {name: raw[name] for name in required_fields}, split, where_word))
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
     if rows == 0:
-        raise DataError(f"{path}: the file is empty (no records)" if fmt != "hf" else f"{path}: the dataset has no rows")
+        raise DataError(f"{path}: the file is empty (no records)" if where_word == "line" else f"{path}: the dataset has no rows")
     if problems:
         _refuse_absent_fields(path, required_fields, fields_seen, problems)
     if problems and not skip_invalid:
@@ -170,8 +202,13 @@ def _refuse_absent_fields(path: Path, required: Sequence[str], seen: dict[str, N
         )
 
 
-def _report_duplicates(path: Path, name: str, word: str, duplicates: list[tuple[str, int, int]], policy: str) -> None:
-    examples = "; ".join(f"{name} {key} on {word}s {first} and {line}" for key, first, line in duplicates[:5])
+def _report_duplicates(path: Path, name: str, word: str, duplicates: list, policy: str) -> None:
+    def pair(first: tuple[str | None, int], this: tuple[str | None, int]) -> str:
+        if first[0] is None and this[0] is None:
+            return f"{word}s {first[1]} and {this[1]}"
+        return f"{first[0]} {word} {first[1]} and {this[0]} {word} {this[1]}"
+
+    examples = "; ".join(f"{name} {key} on {pair(first, this)}" for key, first, this in duplicates[:5])
     count = len(duplicates)
     if policy == "refuse":
         raise DataError(
@@ -348,21 +385,6 @@ def _iter_csv(path: Path, required: Sequence[str]) -> Iterable[tuple[int, Any]]:
                 yield reader.line_num, {k: v for k, v in row.items() if k is not None and v is not None}
         except csv.Error as exc:
             raise DataError(f"{path} line {lines.number}: malformed CSV ({exc})") from None
-
-
-def _iter_hf(path: Path, _required: Sequence[str]) -> Iterable[tuple[int, Any]]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # FileNotFoundError, ValueError, arrow errors
-        raise DataError(f"{path}: not a saved Hugging Face dataset ({exc})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise DataError(f"{path}: a saved DatasetDict needs a 'train' split; it has {list(loaded)}")
-        loaded = loaded["train"]
-    for index, row in enumerate(loaded):
-        yield index, row
 
 
 def long_target_error(

@@ -206,3 +206,126 @@ def test_duplicate_ids_drop_refuse_ignore_and_a_chosen_id_field(tmp_path, caplog
         read_records(twice, FIELDS, "file_desc", id_field="uid")
     with pytest.raises(ConfigError, match="data.on_duplicate_id must be one of warn, drop, refuse, ignore; got 'sometimes'"):
         read_records(twice, FIELDS, "file_desc", on_duplicate_id="sometimes")
+
+
+# ---- parquet files, dataset directories and Hugging Face dataset ids ---------------------------------
+
+TEXT_LABEL = ["text", "label"]
+
+
+def test_parquet_rows_are_validated_and_class_labels_become_names(tmp_path):
+    from tests.data.conftest import imdb_like
+
+    path = tmp_path / "train.parquet"
+    imdb_like()["train"].to_parquet(str(path))
+    records = read_records(path, TEXT_LABEL, "label")  # format auto from .parquet
+    assert [r.fields["label"] for r in records[:3]] == ["neg", "pos", "neg"]
+    assert [r.line for r in records[:2]] == [0, 1] and records[1].place == "row 1" and records[1].split is None
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([GOOD, {"filename": "b", "file_desc": " "}], r"d\.parquet row 1: target field 'file_desc' is empty"),
+        ([GOOD, {"filename": None, "file_desc": "x"}], r"d\.parquet row 1: field 'filename' is null"),
+    ],
+)
+def test_bad_parquet_rows_name_file_and_row(tmp_path, rows, message):
+    import pandas
+
+    path = tmp_path / "d.parquet"
+    pandas.DataFrame(rows).to_parquet(path)
+    with pytest.raises(DataError, match=message):
+        read_records(path, FIELDS, "file_desc")
+    assert len(read_records(path, FIELDS, "file_desc", skip_invalid=True)) == 1
+
+
+def test_parquet_numbers_missing_columns_and_bad_bytes_are_refused(tmp_path):
+    import pandas
+
+    numbers = tmp_path / "n.parquet"
+    pandas.DataFrame({"filename": ["a", "b"], "file_desc": [1, 2]}).to_parquet(numbers)  # a plain int, no ClassLabel
+    with pytest.raises(DataError, match=r"n\.parquet row 0: field 'file_desc' must be a string, got int"):
+        read_records(numbers, FIELDS, "file_desc")
+    with pytest.raises(DataError, match=r"n\.parquet: column\(s\) 'directory' missing \(it has: filename, file_desc\)"):
+        read_records(numbers, ["filename", "directory"], "filename")
+    broken = write(tmp_path, "b.parquet", b"PAR1 not really")
+    with pytest.raises(DataError, match=r"b\.parquet: not a readable parquet file"):
+        read_records(broken, FIELDS, "file_desc")
+
+
+def test_dataset_directory_reads_its_splits_with_class_names(tmp_path, offline_datasets):
+    from tests.data.conftest import imdb_like, write_dataset_dir
+
+    root = write_dataset_dir(tmp_path / "imdb", imdb_like())
+    records = read_records(root, TEXT_LABEL, "label", source_splits={"train", "test"})  # auto: not a saved dataset
+    assert [r.split for r in records] == ["train"] * 8 + ["test"] * 2
+    assert records[-1].fields == {"text": "test review 1", "label": "neg"} and records[-1].place == "test row 1"
+    # Read whole, the unsupervised split's -1 ("no label") is a problem of its row, not a label.
+    with pytest.raises(DataError, match=r"imdb unsupervised row 0: field 'label' holds class id -1 \(-1 is datasets' "
+                                        r"'no label'\), not one of its 2 ClassLabel names \(neg, pos\)"):
+        read_records(root, TEXT_LABEL, "label")
+    with pytest.raises(DataError, match=r"imdb has no split 'validation' \(named in data.splits\); "
+                                        r"it has: (?=.*train)(?=.*test)(?=.*unsupervised)"):
+        read_records(root, TEXT_LABEL, "label", source_splits={"train", "validation"})
+
+
+def test_a_dataset_id_is_read_from_the_datasets_cache_offline(tmp_path, offline_datasets, monkeypatch):
+    from tests.data.conftest import imdb_like, write_dataset_dir
+
+    # load_dataset of a local directory caches it under the directory's name, as it would a Hub id:
+    # read from elsewhere, "lexlora-imdb" is then only an id, found in the cache with the Hub offline.
+    monkeypatch.chdir(tmp_path)
+    write_dataset_dir(tmp_path / "lexlora-imdb", imdb_like())
+    assert len(read_records("lexlora-imdb", TEXT_LABEL, "label", source_splits={"test"})) == 2
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    records = read_records("lexlora-imdb", TEXT_LABEL, "label", fmt="auto", source_splits={"train", "test"})
+    assert len(records) == 10 and {r.fields["label"] for r in records} == {"neg", "pos"}
+
+
+def test_a_dataset_missing_from_the_cache_offline_says_how_to_fix(tmp_path, offline_datasets, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as caught:
+        read_records("someorg/no-such-dataset", TEXT_LABEL, "label")
+    message = str(caught.value)
+    assert "data.path='someorg/no-such-dataset' is not a local file or directory" in message
+    assert "not in the datasets cache" in message and "HF_HUB_OFFLINE" in message
+    assert str(offline_datasets) in message and "datasets.load_dataset('someorg/no-such-dataset')" in message
+    # A missing path with a data file's extension is a missing file, not a dataset id.
+    with pytest.raises(DataError, match=r"^data file not found: data/train\.jsonl$"):
+        read_records("data/train.jsonl", TEXT_LABEL, "label")
+
+
+def test_hub_errors_other_than_offline_are_data_errors(monkeypatch):
+    import datasets
+
+    def not_found(name, subset=None):
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(DataError, match=r"data.path='imdbb': no such Hugging Face dataset"):
+        read_records("imdbb", TEXT_LABEL, "label", fmt="hub")
+
+    def bad_subset(name, subset=None):
+        raise ValueError(f"BuilderConfig '{subset}' not found. Available: ['plain_text']")
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_subset)
+    with pytest.raises(DataError, match=r"data.subset='plain' of dataset 'imdb': BuilderConfig 'plain' not found. "
+                                        r"Available: \['plain_text'\]"):
+        read_records("imdb", TEXT_LABEL, "label", fmt="hub", subset="plain")
+
+
+def test_saved_dataset_dict_keeps_its_splits_and_duplicates_name_them(tmp_path):
+    import datasets
+
+    row = {**GOOD, "id": 1}
+    saved = datasets.DatasetDict(train=datasets.Dataset.from_list([row, {**row, "id": 2}]),
+                                 test=datasets.Dataset.from_list([row]))
+    saved.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"1 record\(s\) repeat an earlier 'id' \(data.on_duplicate_id=refuse\): "
+                                        r"id 1 on train row 0 and test row 0"):
+        read_records(tmp_path / "dd", FIELDS, "file_desc", on_duplicate_id="refuse")
+    records = read_records(tmp_path / "dd", FIELDS, "file_desc", source_splits={"test"})
+    assert [(r.split, r.line) for r in records] == [("test", 0)]
