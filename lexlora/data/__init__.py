@@ -7,6 +7,7 @@ _EXPORTS = {
     "Record": "records", "read_records": "records",
     "PromptTemplate": "prompts", "required_fields": "prompts",
     "load_splits": "splits", "split_records": "splits",
+    "LabelSet": "labels", "label_set": "labels", "class_weights": "labels",
     "AdapterSpec": "spec",
     "EncodedSplit": "tokenization", "LexicalCollator": "tokenization", "encode_split": "tokenization",
     "EmbeddingCache": "embeddings", "LexicalEncoder": "embeddings",
