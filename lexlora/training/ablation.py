@@ -88,6 +88,9 @@ def run_ablation(
     from lexlora.training.recipe import train
 
     out_dir = Path(out_dir)
+    if split == "test":
+        logger.warning("ablation scored on the test split: choosing a variant by these figures makes its test "
+                       "score optimistic; choose on validation (the default) and score the chosen one on test")
     variants = parse_grid(grid)
     configs = variant_configs(config_path, overrides, variants, out_dir)
     rows: list[dict[str, Any]] = []

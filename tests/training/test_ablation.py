@@ -55,3 +55,22 @@ def test_ablate_command_refuses_a_bad_axis_before_training(tmp_path, capsys):
     assert main(["ablate", "--config", str(config), "--grid", "lora.r=abc", "--out", str(tmp_path / "x")]) == 2
     assert "lora.r" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_ablate_scores_validation_unless_test_is_asked_for():
+    import inspect
+
+    from lexlora.cli import build_parser
+
+    args = build_parser().parse_args(["ablate", "--config", "x.yaml"])
+    assert args.split == "validation"
+    assert inspect.signature(run_ablation).parameters["split"].default == "validation"
+    assert build_parser().parse_args(["ablate", "--config", "x.yaml", "--split", "test"]).split == "test"
+
+
+def test_ablate_on_test_warns_that_choices_belong_on_validation(tmp_path, caplog):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML.format(overrides=json.dumps(TINY_T5), data=ROOT / "examples" / "python_stdlib.jsonl"))
+    with pytest.raises(ConfigError, match="not one of this adapter's splits"):  # the tiny config has no test split
+        run_ablation(config, grid=["fusion=off"], overrides=["lora.r=2"], out_dir=tmp_path / "abl", split="test")
+    assert "choose on validation" in caplog.text
