@@ -6,8 +6,6 @@ engine); lexlora only turns its errors into `ConfigError`s and checks the values
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from functools import cache, reduce
 from pathlib import Path
@@ -18,6 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lexlora.errors import ConfigError
+from lexlora.ranges import Range
 
 # The one home of each set of choices; the modules that act on a value import its set from here.
 FUSION_MODES = ("add", "first", "prefix")
@@ -29,7 +28,6 @@ TRACKERS = ("tensorboard", "wandb")
 QUANTIZATION = ("none", "8bit", "4bit")
 DUPLICATE_IDS = ("warn", "drop", "refuse", "ignore")
 LONG_TARGETS = ("truncate", "refuse")
-# hf: a dataset saved with save_to_disk; hub: a Hugging Face dataset id (offline: the HF datasets cache).
 DATA_FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "hf", "hub")
 # seq2seq: the encoder-decoder generates the target text; classification: the encoder alone with a
 # new head over the target field's labels (lexlora.model.classifier).
@@ -59,13 +57,12 @@ class ModelConfig:
 
 @dataclass
 class ClassifierConfig:
-    """The head of a model.task=classification adapter: trained in full, saved with the adapter."""
+    """The head of a model.task=classification adapter: trained in full, saved with the adapter.
+    pooling: mean (masked mean of the encoder's states; MiniLM was trained so, T5 and BART have no
+    [CLS]) or first ([CLS]). class_weights: none, or balanced (n / (labels * count), from train)."""
 
-    # mean: the masked mean of the encoder's last states (what sentence-transformers' MiniLM was
-    # trained for; T5 and BART encoders have no [CLS] token); first: the first position ([CLS]).
     pooling: str = "mean"
     dropout: float = 0.1
-    # none, or balanced: each label weighted n / (labels * count) in the loss, counted on the train split.
     class_weights: str = "none"
 
 
@@ -97,10 +94,10 @@ class FusionConfig:
 @dataclass
 class DataConfig:
     path: str = "examples/python_stdlib.jsonl"
-    # auto (from the extension; a directory is a saved HF dataset), jsonl, json, csv or hf.
+    # auto (from the extension or path), jsonl, json, csv, parquet, hf (save_to_disk dir) or hub (a
+    # dataset id, e.g. imdb, or a dir of data files: datasets.load_dataset; offline, its cache).
     format: str = "auto"
-    # The subset (config name) of a Hugging Face dataset id (data.format=hub), e.g. "plain_text".
-    subset: Optional[str] = None
+    subset: Optional[str] = None  # a hub dataset's config name, e.g. "plain_text"
     input_template: str = "{filename}"
     target_field: str = "description"
     # Field whose text is embedded for fusion; None: the template's only field.
@@ -239,14 +236,12 @@ class Config:
         return self.model.task == "classification"
 
     def _check_classification(self) -> None:
-        if not self.classifies:
-            return
-        if self.train.eval_metric not in CLASSIFIER_METRICS:
+        if self.classifies and self.train.eval_metric not in CLASSIFIER_METRICS:
             raise ConfigError(
                 f"train.eval_metric={self.train.eval_metric} is not computed for model.task=classification; "
                 f"use one of {', '.join(CLASSIFIER_METRICS)}"
             )
-        if self.data.task == "text":
+        if self.classifies and self.data.task == "text":
             raise ConfigError("model.task=classification predicts labels: data.task must be labels or auto, got text")
 
     def value(self, key: str) -> Any:
@@ -269,36 +264,6 @@ class Config:
                 f"train.eval_metric={train.eval_metric} / train.eval_generate need a validation split: "
                 "add data.splits.validation, e.g. data.splits.validation='[90%:]'"
             )
-
-
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of a numeric key: from `low` to `high` (either may be open or absent)."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""  # when a value in the range still needs something else
-
-    def check(self, key: str, value: Any, allows_none: bool = False) -> None:
-        if value is None and allows_none:  # an Optional key's "unset"
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
-        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        if not (low_ok and high_ok):
-            raise ConfigError(f"{key} must be {self}, got {value}")
-
-    def __str__(self) -> str:
-        if self.high is None:
-            text = f"more than {self.low}" if self.low_open else f"at least {self.low}"
-        else:
-            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-        return f"{text} ({self.note})" if self.note else text
 
 
 AT_LEAST_0 = Range(0)
