@@ -87,6 +87,9 @@ class AdapterMetadata:
     data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # A label task's label set (sorted, from the train split): generation is constrained to it by
+    # default (lexlora.model.label_scoring). None: free text.
+    labels: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept
     section_extra: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # likewise, in typed sections
 
@@ -103,7 +106,7 @@ class AdapterMetadata:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("extra", "section_extra"):
+            if f.name in ("extra", "section_extra") or (f.name == "labels" and self.labels is None):
                 continue
             value = getattr(self, f.name)
             out[f.name] = {**self.section_extra.get(f.name, {}), **vars(value)} if f.name in _TYPED else value
@@ -138,6 +141,8 @@ class AdapterMetadata:
                     values["section_extra"][f.name] = unknown
             elif f.name in ("samples",):
                 values[f.name] = value if isinstance(value, list) else []
+            elif f.name == "labels":
+                values[f.name] = _label_list(value, f"{source}: 'labels'")
             elif f.name in ("format_version", "lexlora_version"):
                 values[f.name] = value
             else:
@@ -166,6 +171,20 @@ def _typed_section(kind: type, value: Any, where: str):
             if getattr(section, name) < 1:
                 raise AdapterError(f"{where}.{name} must be at least 1, got {getattr(section, name)}")
     return section
+
+
+def _label_list(value: Any, where: str) -> list[str] | None:
+    """A recorded label set: null, or a non-empty list of distinct strings."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise AdapterError(f"{where} must be a non-empty list of strings or null, got {value!r}")
+    for index, label in enumerate(value):
+        if not isinstance(label, str):
+            raise AdapterError(f"{where}[{index}] must be a string, got {label!r}")
+    if len(set(value)) != len(value):
+        raise AdapterError(f"{where} lists a label twice: {sorted(v for v in set(value) if value.count(v) > 1)}")
+    return list(value)
 
 
 def _is_int(value: Any) -> bool:

@@ -28,13 +28,15 @@ from lexlora.errors import DataError
 @dataclass(frozen=True)
 class RowPlan:
     """How one input row is generated: its adapter's spec and settings; `adapter` is whatever the
-    backend needs to route the row (rows with the same `adapter` share a fusion projection)."""
+    backend needs to route the row (rows with the same `adapter` share a fusion projection);
+    `labels`, when set, the label set the row is constrained to."""
 
     spec: AdapterSpec
     max_source_length: int
     max_new_tokens: int
     num_beams: int
     adapter: Any = None
+    labels: tuple[str, ...] | None = None  # set: the row is scored over these labels (label_scoring.py)
 
 
 class Backend(Protocol):

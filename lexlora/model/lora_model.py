@@ -38,6 +38,7 @@ from lexlora.model.generation import (
     encoder_for_id,
     generate_from_embeds,
 )
+from lexlora.model.label_scoring import LabelPrediction, resolve_constrain, score_labels
 from lexlora.model.loading import is_quantized
 
 
@@ -105,6 +106,10 @@ class LexLoraModel(nn.Module):
         self.generation = generation or GenerationSettings()
         self.max_source_length = max_source_length or DataConfig.max_source_length
         self.pipeline = GenerationPipeline(tokenizer, self._encoder_for)
+
+    # A label task's label set (lexlora.json `labels`, set when loaded): generate_text is constrained
+    # to it by default. None: free text.
+    labels: tuple[str, ...] | None = None
 
     @classmethod
     def create(
@@ -258,10 +263,18 @@ class LexLoraModel(nn.Module):
         max_source_length: int | None = None,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
+        constrain: bool | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """One output per raw input (a string or a record of the adapter's fields). Settings not given
-        are the model's defaults (`generation`, `max_source_length`)."""
+        are the model's defaults (`generation`, `max_source_length`).
+
+        `constrain`: None (default) constrains the output to the adapter's label set when it records
+        one (`labels`, an adapter trained on a label task), True requires it, False generates free
+        text. Constrained outputs are always one of the labels (`generate_labels` also gives their
+        scores); max_new_tokens and num_beams do not apply to them."""
+        if resolve_constrain(constrain, self.labels, generate_kwargs):
+            return [p.label for p in self.generate_labels(inputs, batch_size=batch_size, max_source_length=max_source_length)]
         plan = RowPlan(
             spec=self.spec,
             max_source_length=max_source_length or self.max_source_length,
@@ -272,6 +285,20 @@ class LexLoraModel(nn.Module):
         self.eval()
         try:
             return self.pipeline.generate(self, [plan] * len(check_input_list(inputs)), inputs, batch_size=batch_size, **generate_kwargs)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate_labels(self, inputs: Sequence[str | Mapping[str, str]], batch_size: int = 32,
+                        max_source_length: int | None = None) -> list[LabelPrediction]:
+        """One `LabelPrediction` (label, scores: every label's probability) per raw input, scored
+        over the adapter's label set (lexlora.model.label_scoring); AdapterError if it has none."""
+        plan = RowPlan(spec=self.spec, max_source_length=max_source_length or self.max_source_length,
+                       max_new_tokens=1, num_beams=1, labels=self.labels)
+        was_training = self.training
+        self.eval()
+        try:
+            return score_labels(self.pipeline, self, [plan] * len(check_input_list(inputs)), inputs, batch_size=batch_size)
         finally:
             self.train(was_training)
 

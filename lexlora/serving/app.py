@@ -56,7 +56,7 @@ from lexlora.serving.schemas import (
     parse_generate_request,
     validation_message,
 )
-from lexlora.serving.service import GenerationService, ServiceError, Stream
+from lexlora.serving.service import ExclusiveModel, GenerationService, ServiceError, Stream
 from lexlora.serving.settings import ServeSettings
 from lexlora.serving.store import AdapterNotFound, AdapterStore
 from lexlora.version import __version__
@@ -74,14 +74,15 @@ def create_app(
     resident. `skipped` (dir name -> why it failed to load at startup) is reported by GET /health."""
     settings = settings or ServeSettings()
     worker = make_worker(registry, settings)
+    exclusive = ExclusiveModel(worker)  # label scoring and the store's hook changes: never beside a step
     store = AdapterStore(
         registry, adapters_dir, max_resident=settings.max_resident_adapters,
         max_resident_bytes=None if settings.max_resident_mb is None else int(settings.max_resident_mb * 2**20),
         pins=tuple(settings.pin), allow_hub=settings.allow_hub, failure_ttl_s=settings.failure_ttl_s,
-        pause=worker.paused,
+        pause=exclusive,
     )
     metrics = ServerMetrics(worker, store)
-    service = GenerationService(store, worker, metrics)
+    service = GenerationService(store, worker, metrics, exclusive)
     skipped = dict(skipped or {})
     api_key = api_key_from(settings.api_key)
 
@@ -199,10 +200,15 @@ def create_app(
         except LexloraError as exc:
             raise HTTPException(422, str(exc)) from None
         if request.stream:
-            stream = await service.start_stream(http, "/generate", request.adapter, list(request.inputs), params)
+            stream = await service.start_stream(http, "/generate", request.adapter, list(request.inputs), params,
+                                                request.constrain)
             return EventSourceResponse(_generate_events(stream), headers={"Cache-Control": "no-cache"})
-        completion = await service.complete(http, "/generate", request.adapter, list(request.inputs), params)
-        return JSONResponse(content={"outputs": completion.outputs}, headers={"Server-Timing": completion.timing})
+        completion = await service.complete(http, "/generate", request.adapter, list(request.inputs), params,
+                                            request.constrain)
+        body: dict[str, Any] = {"outputs": completion.outputs}
+        if completion.scores is not None:
+            body["scores"] = completion.scores
+        return JSONResponse(content=body, headers={"Server-Timing": completion.timing})
 
     default_openapi = app.openapi
 

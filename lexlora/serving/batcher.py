@@ -150,7 +150,8 @@ class Batcher:
         try:
             outputs = self.registry.generate(
                 inputs, adapter=names, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                batch_size=self.max_rows, **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
+                batch_size=self.max_rows, constrain=False,  # constrained requests are scored by the service
+                **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
             )
         except Exception as exc:
             if len(members) > 1:

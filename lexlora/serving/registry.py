@@ -36,6 +36,7 @@ from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, DataError
 from lexlora.model.fusion import FUSION_PREFIX, encoder_input_width, fuse
 from lexlora.model.generation import GenerationPipeline, RowPlan, check_input_list
+from lexlora.model.label_scoring import LabelPrediction, generate_or_score, resolve_constrain, score_labels
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.serving.routing import LoraRouter, LoraWeights
 
@@ -64,7 +65,12 @@ class LoadedAdapter:
         """How a row through this adapter is generated: the caller's settings, else the adapter's own."""
         generation = self.metadata.generation
         return RowPlan(self.spec, self.metadata.max_source_length, max_new_tokens or generation.max_new_tokens,
-                       num_beams or generation.num_beams, adapter=self)
+                       num_beams or generation.num_beams, adapter=self, labels=self.labels)
+
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """The label set it records (trained on a label task): its generation is constrained to it by default."""
+        return tuple(self.metadata.labels) if self.metadata.labels else None
 
     @functools.cached_property
     def memory_bytes(self) -> int:
@@ -81,6 +87,7 @@ class LoadedAdapter:
             "input_template": self.spec.input_template,
             "target_field": self.spec.target_field,
             "fusion_mode": self.spec.fusion_mode,
+            "labels": list(self.labels) if self.labels else None,
             "file_bytes": self.file_bytes,
             "memory_bytes": self.memory_bytes,
             "metrics": self.metadata.scalar_metrics,
@@ -250,14 +257,30 @@ class LexLoRA:
         batch_size: int = 32,
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
+        constrain: bool | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """One output per input. `adapter` is a name for all rows, a name per row (a mixed-adapter
         batch), or None for the active adapter. Each row is formatted by its adapter's template; rows
         whose adapters' generation defaults differ run in separate batches, so a row's output is the
-        same as when its adapter runs alone."""
-        plans = [a.plan(max_new_tokens, num_beams) for a in self._row_adapters(inputs, adapter)]
-        return self.pipeline.generate(self, plans, inputs, batch_size=batch_size, **generate_kwargs)
+        same as when its adapter runs alone.
+
+        `constrain`: None (default) constrains the rows of adapters that record a label set (trained
+        on a label task) to it: their output is always one of the labels (`generate_labels` also
+        gives the scores); True requires a label set of every row's adapter; False decodes free text."""
+        rows = self._row_adapters(inputs, adapter)
+        decided = {a.name: resolve_constrain(constrain, a.labels, generate_kwargs, a.name) for a in rows}
+        return generate_or_score(self.pipeline, self, [a.plan(max_new_tokens, num_beams) for a in rows], inputs,
+                                 [decided[a.name] for a in rows], batch_size=batch_size, **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_labels(self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None = None,
+                        *, batch_size: int = 32) -> list[LabelPrediction]:
+        """One `LabelPrediction` (`label`, `scores`: each label's probability, summing to 1) per input,
+        each scored over its adapter's label set (`adapter` as in `generate`, mixed batches too);
+        AdapterError for an adapter without one."""
+        plans = [a.plan() for a in self._row_adapters(inputs, adapter)]
+        return score_labels(self.pipeline, self, plans, inputs, batch_size=batch_size)
 
     def _row_adapters(self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None) -> list[LoadedAdapter]:
         """Each input's adapter."""

@@ -46,6 +46,9 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="a sampled request's seed: the same seed, the same output")
     stop: list[str] = Field([], max_length=MAX_STOP, description="the output ends before the first of these strings")
     stream: bool = Field(False, description="server-sent events: `token` {index, text} as text is produced, then `done`")
+    constrain: bool | None = Field(
+        None, description="constrain the output to the adapter's label set and return each label's probability "
+        "(`scores`); default (null): on for adapters trained on a label task, which record one. Not with `stream`")
 
     def sampling(self) -> "SamplingParams":
         """The decoding settings the engine runs (DataError if they do not go together)."""
@@ -58,6 +61,8 @@ class GenerateRequest(BaseModel):
 
 class GenerateResponse(BaseModel):
     outputs: list[str]
+    scores: list[dict[str, float]] | None = Field(
+        None, description="constrained requests: per input, every label's probability (they sum to 1)")
 
 
 class LoadRequest(BaseModel):
@@ -78,6 +83,7 @@ class AdapterInfo(BaseModel):
     input_template: str
     target_field: str
     fusion_mode: str | None = None
+    labels: list[str] | None = Field(None, description="its label set (a label task): generation is constrained to it by default")
     file_bytes: int
     memory_bytes: int
     metrics: dict[str, Any] = {}

@@ -7,6 +7,12 @@ OpenAI routes (openai_api.py), so both get the same adapter store, engine, error
                      per-token callback; every error up to there is raised before the first event,
                      so a route can still answer it as a plain HTTP error
 
+A request on an adapter with a label set (trained on a label task) is constrained to it unless it
+says constrain=false: it does not queue on the worker but is scored in one forward pass
+(lexlora.model.label_scoring) on a thread, with the worker paused and one such call at a time
+(`ExclusiveModel`, which the adapter store's hook changes also take); its completion carries every
+label's probability. Streaming it is refused (422 naming `stream`): a label comes whole.
+
 Errors come out as `ServiceError` (status, message, and the request part at fault); each request is
 counted in the metrics with its adapter, route and status.
 """
@@ -14,13 +20,16 @@ counted in the metrics with its adapter, route and status.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
 from lexlora.errors import AdapterError, DataError
+from lexlora.model.label_scoring import resolve_constrain, score_labels
 from lexlora.serving.batcher import Batcher, Job
 from lexlora.serving.decoding import SamplingParams
 from lexlora.serving.engine import Engine, EngineRequest, GenerationFailed, QueueFull, ShuttingDown
@@ -46,6 +55,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     timing: str  # a Server-Timing header: load, queue, ttft, total (ms)
+    scores: list[dict[str, float]] | None = None  # constrained: each input's {label: probability}
 
 
 @dataclass
@@ -101,17 +111,36 @@ class Stream:
         self.service.store.release(self.loaded)
 
 
+class ExclusiveModel:
+    """Model use outside the worker's own thread (label scoring, the store's hook changes): the worker
+    paused, and one such user at a time (the engine's `paused()` alone lets several in together)."""
+
+    def __init__(self, worker: Engine | Batcher):
+        self.worker = worker
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self):
+        with self._lock, self.worker.paused():
+            yield
+
+
 class GenerationService:
-    def __init__(self, store: AdapterStore, worker: Engine | Batcher, metrics: Any = None):
+    def __init__(self, store: AdapterStore, worker: Engine | Batcher, metrics: Any = None,
+                 exclusive: ExclusiveModel | None = None):
         self.store, self.worker, self.metrics = store, worker, metrics
+        self.exclusive = exclusive or ExclusiveModel(worker)
 
     async def complete(self, http: Request | None, route: str, adapter: str, inputs: list[Any],
-                       params: SamplingParams) -> Completion:
+                       params: SamplingParams, constrain: bool | None = None) -> Completion:
+        """`constrain`: None, the adapter's default (constrained when it has a label set)."""
         started = time.monotonic()
         loaded, load_s = await self._acquire(route, adapter, started)
         request = None
         try:
             self._check(loaded, inputs, params)
+            if self._constrained(loaded, constrain, params):
+                return await self._scored(route, loaded, inputs, load_s, started)
             if isinstance(self.worker, Engine):
                 request = self._submit(loaded, inputs, params)
                 await self._wait(http, request)
@@ -130,7 +159,7 @@ class GenerationService:
             self.store.release(loaded)
 
     async def start_stream(self, http: Request | None, route: str, adapter: str, inputs: list[Any],
-                           params: SamplingParams) -> Stream:
+                           params: SamplingParams, constrain: bool | None = None) -> Stream:
         started = time.monotonic()
         if not isinstance(self.worker, Engine):
             self._count(route, None, 400, started)
@@ -145,6 +174,10 @@ class GenerationService:
 
         try:
             self._check(loaded, inputs, params)
+            if self._constrained(loaded, constrain, params):
+                raise ServiceError(422, f"adapter {loaded.name!r} is constrained to its label set, and a label is "
+                                        "scored whole, not streamed: send stream=false (or constrain=false)",
+                                   param="stream")
             request = self._submit(loaded, inputs, params, on_token)
         except Exception as exc:
             self.store.release(loaded)
@@ -184,6 +217,35 @@ class GenerationService:
             if used:
                 raise ServiceError(422, f"{', '.join(used)}: not available with the static engine "
                                         "(lexlora serve --engine continuous)", param=used[0])
+
+    def _constrained(self, loaded: LoadedAdapter, constrain: bool | None, params: SamplingParams) -> bool:
+        # Decoding options the request set (not the defaults) do not apply to scored labels.
+        used = {n: True for n in (*STATIC_ONLY, "min_new_tokens") if getattr(params, n) != getattr(SamplingParams(), n)}
+        try:
+            return resolve_constrain(constrain, loaded.labels, used, loaded.name)
+        except AdapterError as exc:
+            raise ServiceError(422, str(exc), param="constrain") from None
+        except DataError as exc:
+            raise ServiceError(422, str(exc), param=next(iter(used))) from None
+
+    async def _scored(self, route: str, loaded: LoadedAdapter, inputs: list[Any], load_s: float,
+                      started: float) -> Completion:
+        """A constrained request: every label scored in one forward pass, off the event loop."""
+        registry = self.store.registry
+
+        def run():
+            with self.exclusive():
+                if loaded.unloaded:
+                    raise AdapterError(f"adapter {loaded.name!r} was unloaded")
+                return score_labels(registry.pipeline, registry, [loaded.plan()] * len(inputs), list(inputs))
+
+        predictions = await asyncio.to_thread(run)
+        total_ms = round((time.monotonic() - started) * 1000, 2)
+        completion = Completion([p.label for p in predictions], ["stop"] * len(predictions), 0, 0,
+                                f"load;dur={round(load_s * 1000, 2)}, total;dur={total_ms}",
+                                scores=[p.scores for p in predictions])
+        self._count(route, loaded.name, 200, started, None, completion)
+        return completion
 
     def _submit(self, loaded: LoadedAdapter, inputs: list[Any], params: SamplingParams,
                 on_token: Any = None) -> EngineRequest:

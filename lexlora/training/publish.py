@@ -10,6 +10,7 @@ from typing import Any
 
 from lexlora.config import Config, config_to_dict
 from lexlora.data.tokenization import EncodedSplit
+from lexlora.evaluation.metrics import detect_task
 from lexlora.model.lora_model import LexLoraModel
 from lexlora.training.tracking import LOG_NAME
 
@@ -26,10 +27,11 @@ def adapter_metadata(
     dataset_info: dict[str, Any],
     metrics: dict[str, Any],
     samples: list[dict[str, str]],
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
     """What a trained adapter records of its run, besides its weights and spec: the base it was
     trained on, the LoRA settings, the data and training settings as resolved, the run's metrics
-    and a few sample outputs."""
+    and a few sample outputs; for a label task its label set (`recorded_labels`)."""
     resolved = config_to_dict(cfg)
     return {
         "base": base_fingerprint,
@@ -40,7 +42,23 @@ def adapter_metadata(
         "data": {k: v for k, v in resolved["data"].items() if k != "path"},
         "metrics": metrics,
         "samples": samples,
+        "labels": labels,
     }
+
+
+def recorded_labels(cfg: Config, splits: dict[str, EncodedSplit]) -> list[str] | None:
+    """The label set a seq2seq adapter records when its task is labels (data.task=labels, or auto and
+    `detect_task` says so over all the targets, as the per-epoch evaluation decides): the sorted
+    distinct stripped targets of the train split. None for a text task, or a classifier (whose
+    label map is its head's)."""
+    if cfg.classifies or cfg.data.task == "text" or "train" not in splits:
+        return None
+    target = cfg.data.target_field
+    if cfg.data.task == "auto":
+        references = [r.fields[target] for split in splits.values() for r in split.records]
+        if not references or detect_task(references) != "labels":
+            return None
+    return sorted({r.fields[target].strip() for r in splits["train"].records}) or None
 
 
 def card_samples(model: LexLoraModel, split: EncodedSplit | None, cfg: Config) -> list[dict[str, str]]:

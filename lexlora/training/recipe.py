@@ -53,7 +53,7 @@ from lexlora.training.loaders import train_data_loader, validation_loader
 from lexlora.training.loop import NonFiniteLoss, TrainingRun
 from lexlora.training.memory import describe_memory, max_peaks, peak_memory, reset_peak
 from lexlora.training.optimizer import make_optimizer, make_scheduler, total_steps
-from lexlora.training.publish import adapter_metadata, card_samples, write_loss_curve
+from lexlora.training.publish import adapter_metadata, card_samples, recorded_labels, write_loss_curve
 from lexlora.training.tracking import (
     LOG_NAME,
     MetricsLog,
@@ -310,6 +310,7 @@ class Recipe:
             metadata = adapter_metadata(
                 cfg, base_fingerprint=self.built.base_fingerprint, dataset_info=prepared.dataset_info,
                 metrics=metrics, samples=card_samples(unwrapped, prepared.splits.get("validation"), cfg),
+                labels=recorded_labels(cfg, prepared.splits),
             )
             size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
             write_loss_curve(staging, self.data.plan.metric, title=output_dir.name)

@@ -53,7 +53,7 @@ def test_openapi_schema_and_docs(server):
     assert body == {"$ref": "#/components/schemas/GenerateRequest"}
     assert set(schema["components"]["schemas"]["GenerateRequest"]["properties"]) == {
         "adapter", "inputs", "max_new_tokens", "num_beams", "min_new_tokens", "do_sample", "temperature", "top_k",
-        "top_p", "repetition_penalty", "seed", "stop", "stream"}
+        "top_p", "repetition_penalty", "seed", "stop", "stream", "constrain"}
     with urllib.request.urlopen(f"{url}/docs", timeout=10) as response:
         assert response.status == 200 and b"swagger" in response.read().lower()
 
