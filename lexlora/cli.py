@@ -50,13 +50,26 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.device:
         model.to(args.device)
     inputs = [_parse_input(text) for text in args.inputs]
+    if model.labels and args.constrain:  # a classifier, or a label adapter constrained to its labels
+        predictions = model.generate_labels(inputs, batch_size=args.batch_size)
+        for given, value, p in zip(args.inputs, inputs, predictions):
+            print(json.dumps({"input": value, "output": p.label, "scores": p.scores}, ensure_ascii=False) if args.json
+                  else f"{format_generated(given, p.label)}  ({format_scores(p.scores)})")
+        return 0
     # Settings not given on the command line are the adapter's own (its lexlora.json).
     outputs = model.generate_text(inputs, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  num_beams=args.num_beams)
+                                  num_beams=args.num_beams, constrain=False if model.labels else None)
     for given, value, text in zip(args.inputs, inputs, outputs):
         print(json.dumps({"input": value, "output": text}, ensure_ascii=False) if args.json
               else format_generated(given, text))
     return 0
+
+
+def format_scores(scores: dict[str, float], shown: int = 3) -> str:
+    """The likeliest labels with their probabilities: `Shell script 0.91, Log file 0.05, ...`."""
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    more = f", +{len(ranked) - shown} more" if len(ranked) > shown else ""
+    return ", ".join(f"{label} {p:.2f}" for label, p in ranked[:shown]) + more
 
 
 def format_generated(given: str, output: str) -> str:

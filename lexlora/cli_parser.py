@@ -91,7 +91,10 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
     gen.add_argument("--batch-size", type=int, default=32)
     gen.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cpu)")
     gen.add_argument("--json", action="store_true",
-                     help='one JSON object per line instead, {"input": ..., "output": ...} (for scripts)')
+                     help='one JSON object per line instead, {"input": ..., "output": ...} (with "scores" for a '
+                     'classifier or label adapter; for scripts)')
+    gen.add_argument("--no-constrain", dest="constrain", action="store_false",
+                     help="a seq2seq adapter trained on labels: generate free text instead of one of its labels")
     gen.add_argument(
         "--allow-pickle", action="store_true",
         help="read a pickle adapter_model.bin when there is no safetensors file (only for files you trust; "
@@ -152,6 +155,9 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
     srv.add_argument("--host", help="default: %(default)s (this machine only)")
     srv.add_argument("--port", type=int, help="default: %(default)s")
     srv.add_argument("--base", metavar="MODEL_ID", help="base model id or path (default: the first adapter's)")
+    srv.add_argument("--task", choices=["seq2seq", "classification"],
+                     help="with --base: the kind of adapters it serves (classification: the base's encoder, for "
+                     "classifier-head adapters; default: %(default)s)")
     srv.add_argument("--device", help="auto (CUDA when present, else CPU), cuda, cuda:1, cpu (default: %(default)s)")
     srv.add_argument("--max-inputs", type=_positive_int, help="inputs per request (default: %(default)s)")
     srv.add_argument("--max-input-chars", type=_positive_int, help="characters per input string (default: %(default)s)")

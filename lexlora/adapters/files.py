@@ -27,7 +27,7 @@ import torch
 from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lexlora.adapters.card import model_card
 from lexlora.adapters.fingerprint import check_fingerprint, fingerprint
@@ -46,10 +46,11 @@ from lexlora.adapters.format import (
     targeted,
     write_metadata,
 )
-from lexlora.config import FUSION_MODES, SAVE_DTYPES, ModelConfig
+from lexlora.config import FUSION_MODES, MODEL_TASKS, SAVE_DTYPES, ModelConfig
 from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, ConfigError
 from lexlora.fileio import current_umask, file_sha256, make_staging_dir, os_reason
+from lexlora.model.classifier import CLASSIFIER_SECTION, ClassifierSpec, LexClassifierModel
 from lexlora.model.fusion import FUSION_PREFIX
 from lexlora.model.loading import load_base_model, load_tokenizer
 from lexlora.model.lora_model import LexLoraModel
@@ -146,6 +147,7 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: Adapter
         "format_version": FORMAT_VERSION,
         "lexlora_version": __version__,
         "adapter": model.spec.to_dict(),
+        **({CLASSIFIER_SECTION: model.classifier.to_dict()} if isinstance(model, LexClassifierModel) else {}),
         "weights": vars(WeightsRecord(
             file=WEIGHTS_NAME, sha256=file_sha256(weights), dtype=save_dtype,
             parameters=int(sum(v.numel() for v in state.values())), bytes=weights.stat().st_size,
@@ -267,9 +269,25 @@ def base_config_from_metadata(meta: AdapterMetadata) -> ModelConfig:
             random_init=bool(base.get("random_init")),
             init_seed=int(base.get("init_seed") or 0),
             config_overrides=dict(base.get("config_overrides") or {}),
+            task=_task(base.get("task")),
         )
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"'base' in {META_NAME} is not valid ({exc})") from None
+
+
+def _task(value: Any) -> str:
+    if value is None:
+        return "seq2seq"  # adapters saved before classifiers existed
+    if value not in MODEL_TASKS:
+        raise ValueError(f"task must be one of {', '.join(MODEL_TASKS)}, got {value!r}")
+    return value
+
+
+def classifier_spec(meta: AdapterMetadata, source: str) -> ClassifierSpec | None:
+    """A classifier adapter's labels and pooling (lexlora.json's `classifier`); None for seq2seq."""
+    if meta.base.get("task") != "classification":
+        return None
+    return ClassifierSpec.from_dict(meta.extra.get(CLASSIFIER_SECTION), f"{source}/{META_NAME}")
 
 
 @dataclass
@@ -377,6 +395,14 @@ def load_adapter(
         tokenizer = load_tokenizer(base_config)
     lora_config = files.lora_config
     lora_config.inference_mode = False
+    classifier = classifier_spec(files.meta, str(files.path))
+    if classifier is not None:
+        model = LexClassifierModel.create_classifier(base, tokenizer, lora_config, files.spec, classifier,
+                                                     max_source_length=files.meta.max_source_length)
+        model.load_trainable_state_dict(files.state, source=str(files.weights_path))
+        model.requires_grad_(False)
+        model.eval()
+        return model
     model = LexLoraModel.create(base, tokenizer, lora_config, files.spec, generation=files.meta.generation,
                                 max_source_length=files.meta.max_source_length)
     model.load_trainable_state_dict(files.state, source=str(files.weights_path))

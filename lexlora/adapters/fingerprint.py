@@ -51,6 +51,7 @@ def fingerprint(base: PreTrainedModel, model: ModelConfig) -> dict[str, Any]:
         "random_init": model.random_init,
         "init_seed": model.init_seed if model.random_init or is_warm_start(model.name_or_path) else None,
         "config_overrides": dict(model.config_overrides),
+        "task": model.task,  # seq2seq or classification (the encoder alone): a base hosts one kind
     }
 
 
@@ -85,6 +86,14 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], adapter_di
         overrides = f", config overrides {fp['config_overrides']}" if fp.get("config_overrides") else ""
         return f"{fp.get('model_id')} ({fp.get('model_type')}, vocab {fp.get('vocab_size')}, {init}{overrides})"
 
+    saved_task, current_task = saved.get("task", "seq2seq"), current.get("task", "seq2seq")
+    if saved_task != current_task:
+        kinds = {"seq2seq": "a generation (seq2seq) adapter", "classification": "a classifier-head adapter"}
+        raise AdapterError(
+            f"{adapter_dir}: this is {kinds.get(saved_task, saved_task)}, and the loaded base serves "
+            f"{current_task} adapters only (the base was loaded with model.task={current_task}; a classifier's "
+            "base is the encoder alone). Load it onto a base of its own kind, e.g. LexLoRA.for_adapter(dir)."
+        )
     for key, what in (
         ("model_type", "model type"),
         ("vocab_size", "vocabulary size"),

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lexlora.config import Config
 from lexlora.data.embeddings import LexicalEncoder
 from lexlora.data.splits import load_splits
-from lexlora.data.tokenization import EncodedSplit, encode_split
+from lexlora.data.labels import LabelSet, class_weights, label_set
+from lexlora.data.tokenization import EncodedSplit, encode_class_split, encode_split
 from lexlora.fileio import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,9 @@ class PreparedData:
     lexical_field: str | None
     encoder: LexicalEncoder | None
     dataset_info: dict[str, Any]
+    # A classifier's labels (sorted; id = index) and its loss weights per label (classifier.class_weights).
+    labels: LabelSet | None = None
+    class_weights: torch.Tensor | None = None
 
     @property
     def embedding_dim(self) -> int | None:
@@ -35,10 +41,21 @@ def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
     """Read + validate records, tokenize (a refused long target stops here), then embed: all
     before any model work but the embedding model's."""
     splits, template, lexical_field = load_splits(cfg.data, cfg.fusion.enabled)
-    encoded = {
-        name: encode_split(records, template, cfg.data.target_field, tokenizer, cfg.data, None, name)
-        for name, records in splits.items()
-    }
+    labels = weights = None
+    if cfg.classifies:
+        # Checked before any tokenizing: empty labels, one class, a label only in validation/test.
+        labels = label_set(splits, cfg.data.target_field, cfg.data.path)
+        weights = class_weights(labels, splits["train"], cfg.data.target_field, cfg.classifier.class_weights)
+        ids = {label: index for index, label in enumerate(labels.labels)}
+        encoded = {
+            name: encode_class_split(records, template, cfg.data.target_field, tokenizer, cfg.data, ids)
+            for name, records in splits.items()
+        }
+    else:
+        encoded = {
+            name: encode_split(records, template, cfg.data.target_field, tokenizer, cfg.data, None, name)
+            for name, records in splits.items()
+        }
     encoder = None
     if cfg.fusion.enabled:
         encoder = LexicalEncoder(
@@ -57,4 +74,4 @@ def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
         "sha256": file_sha256(path) if path.is_file() else None,
         "splits": {name: len(records) for name, records in splits.items()},
     }
-    return PreparedData(encoded, lexical_field, encoder, dataset_info)
+    return PreparedData(encoded, lexical_field, encoder, dataset_info, labels, weights)

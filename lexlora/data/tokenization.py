@@ -37,8 +37,9 @@ class EncodedSplit(Dataset):
         return len(self.input_ids)
 
     def token_lengths(self) -> list[int]:
-        """Per example, the tokens a batch pads it to: input + label ids (for length grouping)."""
-        return [len(a) + len(b) for a, b in zip(self.input_ids, self.labels)]
+        """Per example, the tokens a batch pads it to: input + label ids (for length grouping; a
+        classifier's label is one id)."""
+        return [len(a) + (len(b) if isinstance(b, list) else 1) for a, b in zip(self.input_ids, self.labels)]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item: dict[str, Any] = {"input_ids": self.input_ids[index], "labels": self.labels[index]}
@@ -91,6 +92,38 @@ def encode_split(
             name, tokens.truncated_targets, len(targets), data.max_target_length,
         )
     return EncodedSplit(records, tokens.input_ids, tokens.labels, lexical_embeds)
+
+
+def encode_class_split(
+    records: Sequence[Record],
+    template: PromptTemplate,
+    target_field: str,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DataConfig,
+    label_ids: dict[str, int],
+) -> EncodedSplit:
+    """A classifier's split: prompts as token ids, each target (stripped) as its label id."""
+    prompts = [template.format(r.fields) for r in records]
+    input_ids = tokenizer(prompts, truncation=True, max_length=data.max_source_length)["input_ids"]
+    labels = [label_ids[r.fields[target_field].strip()] for r in records]
+    return EncodedSplit(records, input_ids, labels, None)
+
+
+class ClassificationCollator:
+    """Pads input ids to the longest in the batch (transformers' DataCollatorWithPadding), stacks the
+    label ids and the lexical vectors."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None):
+        from transformers import DataCollatorWithPadding
+
+        self.padding = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.padding([{"input_ids": f["input_ids"]} for f in features]))
+        batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+        if "lexical_embeds" in features[0]:
+            batch["lexical_embeds"] = torch.stack([torch.as_tensor(f["lexical_embeds"]) for f in features])
+        return batch
 
 
 class LexicalCollator:

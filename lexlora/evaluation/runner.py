@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lexlora.adapters.format import META_NAME, AdapterMetadata, read_metadata
-from lexlora.config import TASKS, DataConfig
+from lexlora.config import TASKS, DataConfig, ModelConfig
 from lexlora.data.splits import load_splits
 from lexlora.errors import ConfigError, DataError
 from lexlora.evaluation.metrics import detect_task, score
@@ -159,7 +159,8 @@ def evaluate_adapter(
     adapter_out = registry.generate(rows.records, adapter=name, **generate_kwargs)
     seconds["adapter_generate"] = round(time.perf_counter() - started, 3)
     base_out = None
-    if with_base:
+    # A classifier's base alone has no head (nothing to compare with): its report shows the adapter only.
+    if with_base and not is_classifier(registry.adapters[name].metadata):
         started = time.perf_counter()
         with registry.disable_adapters():
             base_out = registry.generate(rows.records, adapter=name, **generate_kwargs)
@@ -210,7 +211,14 @@ def run_evaluation(
     rows = eval_rows(adapter_dir, split, data_path, max_rows, allow_data_change)  # fails fast, before any model loads
     if task == "auto":
         task = _recorded_task(read_metadata(adapter_dir))
-    registry = LexLoRA.from_pretrained(base, device=device) if base else LexLoRA.for_adapter(adapter_dir, device=device)
+    if base:
+        from lexlora.adapters.files import base_config_from_metadata
+
+        config = base_config_from_metadata(read_metadata(adapter_dir))  # its task (a classifier: the encoder)
+        config = ModelConfig(name_or_path=base, task=config.task)
+        registry = LexLoRA.from_config(config, device=device)
+    else:
+        registry = LexLoRA.for_adapter(adapter_dir, device=device)
     name = adapter_dir.resolve().name
     registry.load_adapter(adapter_dir, name=name)
     result = evaluate_adapter(registry, name, rows, task=task, with_base=with_base, bleu=bleu, **generate_kwargs)
@@ -218,7 +226,13 @@ def run_evaluation(
     return result, out
 
 
+def is_classifier(meta: AdapterMetadata) -> bool:
+    return meta.base.get("task") == "classification"
+
+
 def _recorded_task(meta: AdapterMetadata) -> str:
-    """The task the adapter was trained for, when its config set one (data.task)."""
+    """The task the adapter was trained for, when its config set one (data.task); a classifier's is labels."""
+    if is_classifier(meta):
+        return "labels"
     task = meta.data.get("task") or "auto"
     return task if task in TASKS else "auto"

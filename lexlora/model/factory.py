@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lexlora.config import Config, GenerationSettings, LoraSettings
+from lexlora.config import ClassifierConfig, Config, GenerationSettings, LoraSettings
 from lexlora.data.spec import AdapterSpec
 from lexlora.model.lora_model import (
     LexLoraModel,
@@ -18,7 +18,10 @@ from lexlora.model.lora_model import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from lexlora.data.embeddings import LexicalEncoder
+    from lexlora.model.classifier import LexClassifierModel
     from lexlora.data.prepare import PreparedData
 
 
@@ -49,6 +52,40 @@ def build_model(
     return model
 
 
+def build_classifier(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: AdapterSpec,
+    lora: LoraSettings,
+    labels: tuple[str, ...] | list[str],
+    *,
+    base_id: str,
+    classifier: ClassifierConfig | None = None,
+    encoder: "LexicalEncoder | None" = None,
+    class_weights: "torch.Tensor | None" = None,
+    gradient_checkpointing: bool = False,
+    max_source_length: int | None = None,
+) -> "LexClassifierModel":
+    """A fresh classifier adapter on an encoder base (`lexlora.model.encoders.load_encoder_base`):
+    LoRA on the encoder's attention (every self-attention projection of a BERT-like encoder), the
+    fusion projection `spec` asks for, and a new head over `labels` (sorted: id = index). LoRA and the
+    head are initialised from torch's global RNG: seed it first for a reproducible model."""
+    from lexlora.model.classifier import ClassifierSpec, LexClassifierModel
+    from lexlora.model.encoders import encoder_target_modules
+
+    classifier = classifier or ClassifierConfig()
+    model_type = base.config.model_type
+    lora_config = build_lora_config(lora, model_type, base_id, base.config, task_type="FEATURE_EXTRACTION",
+                                    default_targets=encoder_target_modules(model_type))
+    model = LexClassifierModel.create_classifier(
+        base, tokenizer, lora_config, spec, ClassifierSpec(tuple(labels), classifier.pooling),
+        dropout=classifier.dropout, encoder=encoder, max_source_length=max_source_length, class_weights=class_weights,
+    )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
 def run_spec(cfg: Config, data: "PreparedData") -> AdapterSpec:
     """The adapter spec of a training run: the prompt and fields from data.*, fusion from fusion.*,
     the lexical field and embedding width from the prepared data."""
@@ -64,7 +101,15 @@ def run_spec(cfg: Config, data: "PreparedData") -> AdapterSpec:
 
 def model_for_run(cfg: Config, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: "PreparedData") -> LexLoraModel:
     """`build_model` as a training run configures it (lora.*, train.gradient_checkpointing, the
-    run's lexical encoder, generation.* and data.max_source_length)."""
+    run's lexical encoder, generation.* and data.max_source_length); `build_classifier` for
+    model.task=classification (classifier.*, the data's labels and class weights)."""
+    if cfg.classifies:
+        assert data.labels is not None, "a classification run's data carries its labels"
+        return build_classifier(
+            base, tokenizer, run_spec(cfg, data), cfg.lora, data.labels.labels, base_id=cfg.model.name_or_path,
+            classifier=cfg.classifier, encoder=data.encoder, class_weights=data.class_weights,
+            gradient_checkpointing=cfg.train.gradient_checkpointing, max_source_length=cfg.data.max_source_length,
+        )
     return build_model(
         base, tokenizer, run_spec(cfg, data), cfg.lora,
         base_id=cfg.model.name_or_path, encoder=data.encoder, gradient_checkpointing=cfg.train.gradient_checkpointing,

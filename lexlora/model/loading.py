@@ -116,11 +116,18 @@ def is_quantized(base: nn.Module) -> bool:
 
 
 def load_base_model(model: ModelConfig, device: int | str | torch.device | None = None) -> PreTrainedModel:
-    """The base seq2seq model, frozen and in eval mode.
+    """The base seq2seq model (with model.task=classification, its encoder), frozen and in eval mode.
 
     With model.quantization=8bit/4bit the weights are loaded through bitsandbytes straight onto the
     CUDA device `device` (default: the current one, which Accelerate sets per process); elsewhere the
     base is on the CPU and the caller moves it."""
+    if model.task == "classification":  # the encoder alone, for a classification head
+        from lexlora.model.encoders import load_encoder_base
+
+        base = load_encoder_base(model)
+        if model.fast_ops:
+            use_fast_ops(base)
+        return base
     check_quantization(model)
     if is_warm_start(model.name_or_path):
         base = _load_warm_start(model, device)

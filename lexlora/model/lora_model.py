@@ -42,7 +42,8 @@ from lexlora.model.label_scoring import LabelPrediction, resolve_constrain, scor
 from lexlora.model.loading import is_quantized
 
 
-def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, config=None) -> LoraConfig:
+def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, config=None,
+                      task_type: str = "SEQ_2_SEQ_LM", default_targets: list[str] | str | None = None) -> LoraConfig:
     """PEFT's LoraConfig from lora.*: target modules default to the base's attention projections
     (`lexlora.base.default_target_modules`; a single string in lora.target_modules is a regex over
     whole module paths, as in PEFT); a warm-started encoder-decoder also trains its new cross-attention
@@ -50,7 +51,7 @@ def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, con
     `config` (the base's transformers config) is read from `base_id` when an encoder-decoder needs it."""
     if model_type == ENCODER_DECODER_TYPE and config is None:
         config = base_config(base_id)
-    targets = settings.target_modules or default_target_modules(model_type, config)
+    targets = settings.target_modules or default_targets or default_target_modules(model_type, config)
     if not isinstance(targets, str):
         targets = list(targets)
         if len(targets) == 1 and _is_regex(targets[0]):
@@ -69,7 +70,7 @@ def build_lora_config(settings: LoraSettings, model_type: str, base_id: str, con
             bias=settings.bias,
             use_rslora=settings.use_rslora,
             use_dora=settings.use_dora,
-            task_type="SEQ_2_SEQ_LM",
+            task_type=task_type,  # a classifier's encoder: FEATURE_EXTRACTION
             base_model_name_or_path=base_id,
             **extra,
         )
@@ -127,6 +128,12 @@ class LexLoraModel(nn.Module):
         An 8-bit / 4-bit base (model.quantization) gets PEFT's k-bit preparation first (frozen, its
         non-quantized half-precision weights upcast to fp32); gradient checkpointing is separate:
         `enable_gradient_checkpointing`."""
+        peft_model, fusion = cls.wrap_base(base, lora_config, spec)
+        return cls(peft_model, tokenizer, spec, fusion, encoder, generation, max_source_length)
+
+    @staticmethod
+    def wrap_base(base: PreTrainedModel, lora_config: LoraConfig, spec: AdapterSpec) -> tuple[PeftModel, LexicalFusion | None]:
+        """The frozen base with PEFT's LoRA layers, and the zero fusion projection `spec` asks for."""
         if is_quantized(base):
             was_training = base.training
             prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -145,7 +152,7 @@ class LexLoraModel(nn.Module):
         if spec.fusion_enabled:
             assert spec.embedding_dim is not None
             fusion = LexicalFusion(spec.embedding_dim, encoder_input_width(base), spec.fusion_mode or "add")
-        return cls(peft_model, tokenizer, spec, fusion, encoder, generation, max_source_length)
+        return peft_model, fusion
 
     # ---- parameters -------------------------------------------------------------------------
     def parameter_counts(self) -> tuple[int, int]:
@@ -157,17 +164,22 @@ class LexLoraModel(nn.Module):
         total = sum(p.numel() for n, p in named if ".original_module." not in n)
         return trainable, total
 
+    def own_modules(self) -> dict[str, nn.Module]:
+        """The adapter's modules outside PEFT, by their key prefix in the weights file."""
+        return {FUSION_PREFIX: self.lexical_fusion} if self.lexical_fusion is not None else {}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """LoRA weights under PEFT's key names, plus the fusion projection under `lexical_fusion.`."""
+        """LoRA weights under PEFT's key names, plus the fusion projection under `lexical_fusion.`
+        (and a classifier's head under its prefix: `own_modules`)."""
         state = dict(get_peft_model_state_dict(self.peft_model, save_embedding_layers=False))
-        if self.lexical_fusion is not None:
-            for key, value in self.lexical_fusion.state_dict().items():
-                state[FUSION_PREFIX + key] = value
+        for prefix, module in self.own_modules().items():
+            for key, value in module.state_dict().items():
+                state[prefix + key] = value
         return state
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
-        lora = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
-        fusion = {k[len(FUSION_PREFIX):]: v for k, v in state.items() if k.startswith(FUSION_PREFIX)}
+        own = self.own_modules()
+        lora = {k: v for k, v in state.items() if not k.startswith(tuple(own) or (FUSION_PREFIX,))}
         expected = self.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -184,8 +196,8 @@ class LexLoraModel(nn.Module):
                     f"{tuple(expected[key].shape)} (rank or target modules differ from adapter_config.json?)"
                 )
         set_peft_model_state_dict(self.peft_model, lora)
-        if self.lexical_fusion is not None:
-            self.lexical_fusion.load_state_dict(fusion)
+        for prefix, module in own.items():
+            module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     @torch.no_grad()
     def round_trainables_(self, dtype: torch.dtype) -> None:

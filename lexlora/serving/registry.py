@@ -9,14 +9,20 @@ row by row in one `generate` call.
 
 Each adapter brings its LoRA weights (see `lexlora.routing`), its fusion projection (own mode and
 dims), prompt template, fields and generation defaults. Nothing is changed by a refused load.
+
+Classifier-head adapters (model.task=classification) live on a base loaded as its encoder alone:
+
+    model = LexLoRA.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", task="classification")
+    model.load_adapter("adapters/file-type-classifier", name="type")
+    model.classify(["backup.sh", "notes.md"], adapter="type")   # [LabelPrediction(label, scores), ...]
+
+Each row gets its own LoRA, fusion and head (lexlora.serving.heads), so such adapters mix in one batch
+too; a base hosts one kind, and loading the other kind is refused.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -26,73 +32,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lexlora.adapters.files import (
     AdapterFiles,
     base_config_from_metadata,
+    classifier_spec,
     read_adapter_dir,
 )
 from lexlora.adapters.fingerprint import check_fingerprint, fingerprint
-from lexlora.adapters.format import AdapterMetadata, read_metadata
+from lexlora.adapters.format import read_metadata
 from lexlora.config import ModelConfig
 from lexlora.data.embeddings import LexicalEncoder
-from lexlora.data.spec import AdapterSpec
 from lexlora.errors import AdapterError, DataError
 from lexlora.model.fusion import FUSION_PREFIX, encoder_input_width, fuse
 from lexlora.model.generation import GenerationPipeline, RowPlan, check_input_list
 from lexlora.model.label_scoring import LabelPrediction, generate_or_score, resolve_constrain, score_labels
 from lexlora.model.loading import load_base_model, load_tokenizer
+from lexlora.model.classifier import classify
+from lexlora.model.encoders import hidden_width
+from lexlora.serving.heads import build_head, head_logits, split_head
+from lexlora.serving.loaded import ADAPTER_NAME, HUB_NAME, MAX_ADAPTER_NAME, LoadedAdapter, check_adapter_name
 from lexlora.serving.routing import LoraRouter, LoraWeights
 
-MAX_ADAPTER_NAME = 128  # characters; names appear in URLs
-ADAPTER_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_ADAPTER_NAME - 1}}}$")
-# A Hugging Face Hub repo id, optionally at a revision: org/name or org/name@v2 (lexlora serve --allow-hub).
-HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9][A-Za-z0-9._/-]{0,99})?$")
-
-
-@dataclass
-class LoadedAdapter:
-    """An adapter resident on the registry's base."""
-
-    name: str
-    path: Path
-    spec: AdapterSpec
-    metadata: AdapterMetadata
-    lora: LoraWeights
-    fusion: dict[str, torch.Tensor] = field(default_factory=dict)  # proj.weight / proj.bias, as saved
-    file_bytes: int = 0
-    # Set once it is unloaded (delete_adapter): rows still running on it fail. A replaced adapter is
-    # not unloaded: what runs on it finishes on its weights, as vLLM and LoRAX do.
-    unloaded: bool = False
-
-    def plan(self, max_new_tokens: int | None = None, num_beams: int | None = None) -> RowPlan:
-        """How a row through this adapter is generated: the caller's settings, else the adapter's own."""
-        generation = self.metadata.generation
-        return RowPlan(self.spec, self.metadata.max_source_length, max_new_tokens or generation.max_new_tokens,
-                       num_beams or generation.num_beams, adapter=self, labels=self.labels)
-
-    @property
-    def labels(self) -> tuple[str, ...] | None:
-        """The label set it records (trained on a label task): its generation is constrained to it by default."""
-        return tuple(self.metadata.labels) if self.metadata.labels else None
-
-    @functools.cached_property
-    def memory_bytes(self) -> int:
-        # Cached: its tensors never change, and a store sums this over every resident adapter.
-        return self.lora.nbytes + sum(t.nbytes for t in self.fusion.values())
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "base": self.metadata.base.get("model_id"),
-            "rank": self.metadata.lora.get("r"),
-            "input_fields": self.spec.input_fields,
-            "input_template": self.spec.input_template,
-            "target_field": self.spec.target_field,
-            "fusion_mode": self.spec.fusion_mode,
-            "labels": list(self.labels) if self.labels else None,
-            "file_bytes": self.file_bytes,
-            "memory_bytes": self.memory_bytes,
-            "metrics": self.metadata.scalar_metrics,
-        }
-
+__all__ = ["ADAPTER_NAME", "HUB_NAME", "MAX_ADAPTER_NAME", "LexLoRA", "LoadedAdapter", "check_adapter_name"]
 
 class LexLoRA:
     """A frozen seq2seq base with a registry of named adapters."""
@@ -124,11 +82,13 @@ class LexLoRA:
         init_seed: int = 0,
         config_overrides: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
+        task: str = "seq2seq",
     ) -> "LexLoRA":
-        """Load the base once (by id or path, as transformers does)."""
+        """Load the base once (by id or path, as transformers does). task="classification" loads its
+        encoder alone, for classifier-head adapters (a base serves one kind)."""
         config = ModelConfig(
             name_or_path=name_or_path, random_init=random_init, init_seed=init_seed,
-            config_overrides=dict(config_overrides or {}),
+            config_overrides=dict(config_overrides or {}), task=task,
         )
         return cls.from_config(config, device=device)
 
@@ -186,7 +146,12 @@ class LexLoRA:
 
     def _build(self, name: str, files: AdapterFiles) -> LoadedAdapter:
         source = str(files.weights_path)
-        lora_state = {k: v for k, v in files.state.items() if not k.startswith(FUSION_PREFIX)}
+        head_state, state = split_head(files.state)
+        classifier = classifier_spec(files.meta, str(files.path))
+        head = None
+        if classifier is not None:
+            head = build_head(head_state, classifier, hidden_width(self.base), source, self.device)
+        lora_state = {k: v for k, v in state.items() if not k.startswith(FUSION_PREFIX)}
         lora = LoraWeights.from_peft_state(lora_state, files.lora_config, self.base, source, device=self.device,
                                            modules=self.router.modules)
         fusion = {k[len(FUSION_PREFIX):]: v for k, v in files.state.items() if k.startswith(FUSION_PREFIX)}
@@ -203,7 +168,7 @@ class LexLoRA:
             fusion = {k: v.to(self.device) for k, v in fusion.items()}
         return LoadedAdapter(
             name=name, path=files.path, spec=spec, metadata=files.meta, lora=lora, fusion=fusion,
-            file_bytes=files.weights_bytes,
+            file_bytes=files.weights_bytes, head=head,
         )
 
     def delete_adapter(self, name: str) -> None:
@@ -269,6 +234,11 @@ class LexLoRA:
         on a label task) to it: their output is always one of the labels (`generate_labels` also
         gives the scores); True requires a label set of every row's adapter; False decodes free text."""
         rows = self._row_adapters(inputs, adapter)
+        if self.classifies:  # a classifier's output is always one of its labels
+            if constrain is False:
+                raise AdapterError("classifier-head adapters always predict one of their labels; constrain=False "
+                                   "applies to seq2seq adapters only")
+            return [p.label for p in self.generate_labels(inputs, adapter, batch_size=batch_size)]
         decided = {a.name: resolve_constrain(constrain, a.labels, generate_kwargs, a.name) for a in rows}
         return generate_or_score(self.pipeline, self, [a.plan(max_new_tokens, num_beams) for a in rows], inputs,
                                  [decided[a.name] for a in rows], batch_size=batch_size, **generate_kwargs)
@@ -278,9 +248,32 @@ class LexLoRA:
                         *, batch_size: int = 32) -> list[LabelPrediction]:
         """One `LabelPrediction` (`label`, `scores`: each label's probability, summing to 1) per input,
         each scored over its adapter's label set (`adapter` as in `generate`, mixed batches too);
-        AdapterError for an adapter without one."""
+        AdapterError for an adapter without one. Classifier-head adapters give their head's
+        probabilities (each row through its own LoRA, fusion and head)."""
         plans = [a.plan() for a in self._row_adapters(inputs, adapter)]
+        return self.predict_labels(plans, inputs, batch_size=batch_size)
+
+    classify = generate_labels  # the name a classifier's user looks for
+
+    def predict_labels(self, plans: Sequence[RowPlan], inputs: Sequence[str | Mapping[str, str]], *,
+                       batch_size: int = 32) -> list[LabelPrediction]:
+        """`generate_labels` for rows already planned (the server's path): the heads of a classifier
+        base, else every label of each row's set scored by the decoder."""
+        if self.classifies:
+            return classify(self.pipeline, self, plans, inputs, [p.adapter.labels for p in plans], batch_size=batch_size)
         return score_labels(self.pipeline, self, plans, inputs, batch_size=batch_size)
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the base is an encoder for classifier-head adapters (model.task=classification)."""
+        return self.base_config.task == "classification"
+
+    # The ClassifierBackend protocol (lexlora.model.classifier): the encoder once, then each row's head.
+    def encode(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.base(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+
+    def head_logits(self, plans: Sequence[RowPlan], states: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        return head_logits([None if self._disabled else p.adapter.head for p in plans], states, mask)
 
     def _row_adapters(self, inputs: Sequence[str | Mapping[str, str]], adapter: str | Sequence[str] | None) -> list[LoadedAdapter]:
         """Each input's adapter."""
@@ -379,15 +372,3 @@ class LexLoRA:
             out_embeds[index, : part_embeds.shape[1]] = part_embeds
             out_mask[index, : part_mask.shape[1]] = part_mask
         return out_embeds, out_mask
-
-
-def check_adapter_name(name: str, hub: bool = False) -> None:
-    """Names are plain words: they appear in URLs and never reach outside an adapters dir. With `hub`,
-    a Hub repo id (org/name, optionally @revision) is a name too."""
-    if isinstance(name, str) and ".." not in name and (ADAPTER_NAME.match(name) or (hub and HUB_NAME.match(name))):
-        return
-    also = "; or a Hub repo id org/name[@revision]" if hub else ""
-    raise AdapterError(
-        f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' "
-        f"(starting with a letter or digit, at most {MAX_ADAPTER_NAME} characters, no '..'){also}"
-    )

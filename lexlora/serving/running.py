@@ -48,6 +48,8 @@ def cross_attention_kv(base, states: torch.Tensor) -> tuple[list[torch.Tensor], 
 
 def engine_supports(registry: LexLoRA) -> str | None:
     """None if the engine can serve this base; else why not."""
+    if registry.classifies:
+        return "a classifier base (model.task=classification) has no decoder: its adapters score each request whole"
     model_type = registry.base.config.model_type
     if model_type not in ENGINE_FAMILIES:
         return (f"continuous batching needs a decoder with relative positions ({', '.join(ENGINE_FAMILIES)}); "

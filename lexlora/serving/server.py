@@ -104,7 +104,7 @@ def _registry(settings: ServeSettings) -> LexLoRA:
     """A registry on `settings.base`, else on the base recorded by the first adapter (in name order)
     whose base loads. Only that adapter's metadata is read: the others cost startup a stat each."""
     if settings.base:
-        return LexLoRA.from_pretrained(settings.base, device=settings.device)
+        return LexLoRA.from_pretrained(settings.base, device=settings.device, task=settings.task)
     reasons = {}
     for path in _adapter_dirs(Path(settings.adapters_dir), first=[*settings.pin, *settings.preload]):
         try:

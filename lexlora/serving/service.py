@@ -29,7 +29,7 @@ from typing import Any
 from starlette.requests import Request
 
 from lexlora.errors import AdapterError, DataError
-from lexlora.model.label_scoring import resolve_constrain, score_labels
+from lexlora.model.label_scoring import resolve_constrain
 from lexlora.serving.batcher import Batcher, Job
 from lexlora.serving.decoding import SamplingParams
 from lexlora.serving.engine import Engine, EngineRequest, GenerationFailed, QueueFull, ShuttingDown
@@ -221,6 +221,10 @@ class GenerationService:
     def _constrained(self, loaded: LoadedAdapter, constrain: bool | None, params: SamplingParams) -> bool:
         # Decoding options the request set (not the defaults) do not apply to scored labels.
         used = {n: True for n in (*STATIC_ONLY, "min_new_tokens") if getattr(params, n) != getattr(SamplingParams(), n)}
+        if loaded.head is not None and (constrain is False or used):  # a classifier only ever predicts labels
+            param = "constrain" if constrain is False else next(iter(used))
+            raise ServiceError(422, f"adapter {loaded.name!r} is a classifier: it predicts one of its labels with "
+                                    f"their probabilities, and {param} does not apply to it", param=param)
         try:
             return resolve_constrain(constrain, loaded.labels, used, loaded.name)
         except AdapterError as exc:
@@ -237,7 +241,7 @@ class GenerationService:
             with self.exclusive():
                 if loaded.unloaded:
                     raise AdapterError(f"adapter {loaded.name!r} was unloaded")
-                return score_labels(registry.pipeline, registry, [loaded.plan()] * len(inputs), list(inputs))
+                return registry.predict_labels([loaded.plan()] * len(inputs), list(inputs))
 
         predictions = await asyncio.to_thread(run)
         total_ms = round((time.monotonic() - started) * 1000, 2)

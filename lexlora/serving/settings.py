@@ -12,6 +12,7 @@ class ServeSettings:
     host: str = "127.0.0.1"  # this machine only
     port: int = 8000
     base: str | None = None  # base model id or path; None: the first adapter's that loads
+    task: str = "seq2seq"  # the kind of adapters a --base serves: seq2seq, or classification (its encoder)
     device: str = "auto"  # "auto": CUDA when present, else CPU (as training picks); or any torch device
     allow_pickle: bool = False  # startup loads only; POST /adapters stays safetensors-only
     skip_invalid: bool = False  # a pinned / preloaded adapter that fails: serve without it instead of refusing to start

@@ -60,7 +60,7 @@ def plan_evaluation(cfg: Config, data) -> EvalPlan:
     if validation is None or len(validation) == 0:
         raise ConfigError(f"train.eval_metric={metric} / train.eval_generate need a non-empty validation split")
     target = cfg.data.target_field
-    task = cfg.data.task
+    task = "labels" if cfg.classifies else cfg.data.task  # a classifier's outputs are its labels
     if task == "auto":  # from all the targets: more repeats to see than in a capped validation slice
         task = detect_task([r.fields[target] for split in data.splits.values() for r in split.records])
     if metric != "val_loss":
@@ -73,7 +73,8 @@ def plan_evaluation(cfg: Config, data) -> EvalPlan:
                 f"choose val_loss or one of: {', '.join(available)}"
             )
     rows = validation.records[: cfg.train.eval_max_rows]
-    return EvalPlan(metric, task, [r.fields for r in rows], [r.fields[target] for r in rows])
+    references = [r.fields[target].strip() if cfg.classifies else r.fields[target] for r in rows]
+    return EvalPlan(metric, task, [r.fields for r in rows], references)
 
 
 class Evaluator:

@@ -35,7 +35,7 @@ from lexlora.adapters.files import (
 from lexlora.adapters.fingerprint import fingerprint
 from lexlora.config import Config, config_to_yaml
 from lexlora.data.prepare import PreparedData, prepare_data
-from lexlora.data.tokenization import LexicalCollator
+from lexlora.data.tokenization import ClassificationCollator, LexicalCollator
 from lexlora.errors import AdapterError
 from lexlora.fileio import failed_name, make_staging_dir
 from lexlora.model.factory import model_for_run
@@ -188,7 +188,7 @@ class Recipe:
 
     def setup_loaders(self) -> Loaders:
         cfg, accelerator, splits = self.cfg, self.launched.accelerator, self.data.prepared.splits
-        collator = LexicalCollator(self.data.tokenizer, cfg.data.pad_to_multiple_of)
+        collator = (ClassificationCollator if cfg.classifies else LexicalCollator)(self.data.tokenizer, cfg.data.pad_to_multiple_of)
         # Reseeded at each epoch (TrainingRun.epoch_batches), so an epoch's order depends on the seed alone.
         generator = torch.Generator().manual_seed(cfg.train.seed)
         train_loader = train_data_loader(splits["train"], cfg, collator, generator)
