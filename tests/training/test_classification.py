@@ -104,3 +104,49 @@ def test_one_class_only_is_refused(tmp_path, bert_path):
     data = write_rows(tmp_path / "one.jsonl", rows)
     with pytest.raises(DataError, match="Python script"):
         train(classifier_config(tmp_path, bert_path, data))
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_classifier_runs_on_t5_and_bart_encoders(tmp_path, kind):
+    from tests.conftest import TINY_T5
+    from tests.helpers import save_tiny_bart
+
+    data = write_rows(tmp_path / "types.jsonl", file_type_rows())
+    config = classifier_config(tmp_path, "unused", data, **{"train.max_steps": 6})
+    if kind == "t5":
+        config.model = ModelConfig(name_or_path="google/flan-t5-small", random_init=True,
+                                   config_overrides=dict(TINY_T5), task="classification")
+    else:
+        config.model = ModelConfig(name_or_path=str(save_tiny_bart(tmp_path / "bart")), task="classification")
+    result = train(config)
+    model = load_adapter(result.output_dir)
+    assert type(model.base_model).__name__ == {"t5": "T5EncoderModel", "bart": "BartEncoder"}[kind]
+    again = load_adapter(result.output_dir)
+    enc = model.tokenizer(["deploy_3.sh", "notes_9.md"], return_tensors="pt", padding=True)
+    lexical = torch.randn(2, 384)  # fusion is on (the default)
+    with torch.no_grad():
+        torch.testing.assert_close(model(enc.input_ids, enc.attention_mask, lexical_embeds=lexical).logits,
+                                   again(enc.input_ids, enc.attention_mask, lexical_embeds=lexical).logits,
+                                   rtol=0, atol=0)
+    assert [p.scores for p in model.classify_text(["a.py"])] == [p.scores for p in again.classify_text(["a.py"])]
+
+
+def test_generate_and_eval_commands_on_a_classifier(tmp_path, bert_path, capsys):
+    from lexlora.cli import main
+
+    data = write_rows(tmp_path / "types.jsonl", file_type_rows())
+    config = classifier_config(tmp_path, bert_path, data, **{"train.max_steps": 4})
+    config.data.splits = {"train": "[:56]", "validation": "[56:68]", "test": "[68:]"}
+    result = train(config)
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(result.output_dir), "--json", "deploy_3.sh"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["output"] in TYPES.values() and set(line["scores"]) == set(TYPES.values())
+    assert main(["generate", "--adapter", str(result.output_dir), "deploy_3.sh"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("deploy_3.sh → ") and "+1 more" in text  # the 3 likeliest of 4 labels shown
+    assert main(["eval", "--adapter", str(result.output_dir), "--split", "test", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["task"] == "labels" and report["base_scores"] is None
+    assert set(report["adapter_scores"]) >= {"accuracy", "macro_f1"}
+    assert (tmp_path / "eval" / "confusion.png").is_file()
