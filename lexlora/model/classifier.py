@@ -100,13 +100,8 @@ def classify(pipeline: GenerationPipeline, backend: ClassifierBackend, plans: Se
              inputs: Sequence[str | Mapping[str, str]], labels: Sequence[Sequence[str]], *, batch_size: int = 32) -> list[LabelPrediction]:
     """One prediction per input: records -> tokens -> fused embeddings (each row's adapter, as the
     generation pipeline does) -> encoder once (routed per row) -> each row's pooling and head."""
-    records = pipeline.records(plans, check_input_list(inputs))
-    lexical = pipeline.lexical(backend, plans, records)
     out: list[LabelPrediction] = []
-    for start in range(0, len(records), batch_size):
-        rows = range(start, min(start + batch_size, len(records)))
-        chunk = [plans[i] for i in rows]
-        embeds, mask = pipeline.encoder_inputs(backend, chunk, [records[i] for i in rows], [lexical[i] for i in rows])
+    for rows, chunk, embeds, mask in pipeline.encoded_chunks(backend, plans, inputs, batch_size):
         with backend.routed(chunk):
             states = backend.encode(embeds, mask)
         for row, logits in zip(rows, backend.head_logits(chunk, states, mask)):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -97,6 +97,18 @@ class GenerationPipeline:
         """Token ids, each row truncated to its own adapter's source length then padded together,
         embedded with each row's fusion."""
         return self.embed_ids(backend, plans, self.token_ids(plans, records), lexical)
+
+    def encoded_chunks(self, backend: Backend, plans: Sequence[RowPlan], inputs: Sequence[str | Mapping[str, str]],
+                       batch_size: int) -> Iterator[tuple[range, list[RowPlan], torch.Tensor, torch.Tensor]]:
+        """The rows in chunks of `batch_size`, each as (its row indices, their plans, fused encoder
+        input embeddings, mask): what scoring paths (label scores, classifier heads) run the encoder on."""
+        records = self.records(plans, check_input_list(inputs))
+        lexical = self.lexical(backend, plans, records)
+        for start in range(0, len(records), batch_size):
+            rows = range(start, min(start + batch_size, len(records)))
+            chunk = [plans[i] for i in rows]
+            embeds, mask = self.encoder_inputs(backend, chunk, [records[i] for i in rows], [lexical[i] for i in rows])
+            yield rows, chunk, embeds, mask
 
     # ---- the whole path -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -72,14 +72,9 @@ def score_labels(pipeline: GenerationPipeline, backend: Backend, plans: Sequence
                  max_sequences: int = MAX_SEQUENCES) -> list[LabelPrediction]:
     """One `LabelPrediction` per input, each scored over its plan's `labels`."""
     check_label_plans(plans)
-    records = pipeline.records(plans, check_input_list(inputs))
-    lexical = pipeline.lexical(backend, plans, records)
     label_ids = _label_token_ids(pipeline, plans)
     predictions: list[LabelPrediction] = []
-    for start in range(0, len(records), batch_size):
-        rows = range(start, min(start + batch_size, len(records)))
-        chunk = [plans[i] for i in rows]
-        embeds, mask = pipeline.encoder_inputs(backend, chunk, [records[i] for i in rows], [lexical[i] for i in rows])
+    for _, chunk, embeds, mask in pipeline.encoded_chunks(backend, plans, inputs, batch_size):
         with backend.routed(chunk):
             states = backend.seq2seq.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)[0]
         pairs = [(r, label) for r, plan in enumerate(chunk) for label in plan.labels]
