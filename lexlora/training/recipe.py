@@ -181,6 +181,9 @@ class Recipe:
         base = load_base_model(cfg.model, device=accelerator.device)
         base_fingerprint = fingerprint(base, cfg.model)  # of the base alone, before LoRA wraps it
         model = model_for_run(cfg, base, self.data.tokenizer, self.data.prepared)
+        labels = recorded_labels(cfg, self.data.prepared.splits)
+        if labels:  # a label task: evaluated (each epoch, finally, card samples) as it will be used, constrained
+            model.labels = tuple(labels)
         trainable, total = model.parameter_counts()
         accelerator.print(describe_counts(trainable, total))
         self.built = RunModel(model, base_fingerprint, trainable, total)
@@ -310,7 +313,7 @@ class Recipe:
             metadata = adapter_metadata(
                 cfg, base_fingerprint=self.built.base_fingerprint, dataset_info=prepared.dataset_info,
                 metrics=metrics, samples=card_samples(unwrapped, prepared.splits.get("validation"), cfg),
-                labels=recorded_labels(cfg, prepared.splits),
+                labels=list(unwrapped.labels) if unwrapped.labels and not cfg.classifies else None,
             )
             size = write_adapter_files(unwrapped, staging, metadata, cfg.save_dtype)
             write_loss_curve(staging, self.data.plan.metric, title=output_dir.name)

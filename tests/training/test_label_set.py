@@ -40,3 +40,17 @@ def test_a_text_task_records_no_label_set(tmp_path, stdlib_data):
     meta = read_metadata(config.output_dir)
     assert meta.labels is None
     assert "labels" not in json.loads((tmp_path / "adapter" / "lexlora.json").read_text())
+
+
+def test_a_label_task_is_evaluated_constrained_as_it_will_be_used(tmp_path):
+    config = tiny_train_config(tmp_path, label_data(tmp_path / "kinds.jsonl"), max_steps=2)
+    config.train.eval_metric = "accuracy"
+    meta_metrics = train(config).metrics
+    model = load_adapter(config.output_dir)
+    rows = [json.loads(line) for line in (tmp_path / "kinds.jsonl").read_text().splitlines()][64:80]
+    predicted = model.generate_text([{"filename": r["filename"]} for r in rows])  # constrained by default
+    accuracy = sum(p == r["description"].strip() for p, r in zip(predicted, rows)) / len(rows)
+    assert meta_metrics["final_accuracy"] == accuracy
+    samples = read_metadata(config.output_dir).samples
+    assert samples and all(s["output"] in KINDS.values() or s["output"] in {v.strip() for v in KINDS.values()}
+                           for s in samples)
