@@ -35,6 +35,10 @@ beside it keeps every run (--from-json rewrites the report from it). The last li
 
 (test ROUGE-1 means over seeds of the arms chosen on validation; best_mode: the fusion mode chosen on
 validation; trainable_pct: the fusion arm's trainable share of its model, in %).
+
+Cost: a run's fixed part (start, model loads, data, scoring) is ~35-45 s on 2 idle cores, its 600
+steps ~330-470 s (benchmarks/results/quality.md's last single-seed run), so the default study's 24
+runs take ~3 h (~2.2 h with --fusion-lrs lora). --quick makes 12 runs of 8 steps: ~10 min idle.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS_SCRIPT = Path(__file__).resolve().parent / "quality_arms.py"
 DEFAULT_CONFIG = ROOT / "configs" / "minilm_file_description.yaml"
 # --quick: every family and both phases in a few minutes (figures meaningless; the machinery proven).
-QUICK = {"steps": 8, "full_lrs": "1e-4,3e-4", "lora_lrs": "1e-3,3e-3", "fusion_lrs": "lora", "seeds": 2,
+QUICK = {"steps": 8, "full_lrs": "3e-4", "lora_lrs": "1e-3,3e-3", "fusion_lrs": "lora", "seeds": 2,
          "max_val_rows": 16, "max_test_rows": 16}
 
 
