@@ -113,6 +113,11 @@ class Study:
                "--lr", repr(lr), "--seed", str(seed), "--steps", str(args.steps), "--work", args.work,
                "--json", str(out), *(["--max-rows", str(max_rows)] if max_rows else []),
                *(["--keep-adapters"] if args.keep_adapters else []), *args.override]
+        if args.resume and out.is_file():
+            saved = json.loads(out.read_text())
+            if saved.get("command") == cmd[1:]:  # the same run (script, settings, seed), not a stale one
+                print(f"== {name}: finished before, reused from {out} (--resume)", flush=True)
+                return saved
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         started, load_before = time.perf_counter(), os.getloadavg()[1]
         code = subprocess.call(cmd, cwd=ROOT)
@@ -125,6 +130,8 @@ class Study:
         # The 5-minute load average around the run: above the core count, something else competed
         # for the CPU and its seconds are inflated.
         result["load_avg_5min"] = [round(load_before, 2), round(os.getloadavg()[1], 2)]
+        result["command"] = cmd[1:]  # what --resume compares (the interpreter's path may differ)
+        out.write_text(json.dumps(result, indent=1) + "\n")
         s = result["scores"]
         print(f"== {name}: {result['split']} rouge1 {s['rouge1']:.4f} rouge2 {s['rouge2']:.4f} rougeL {s['rougeL']:.4f} "
               f"train {result['train_seconds']:.0f}s (run wall {result['wall_seconds']:.0f}s)", flush=True)
@@ -221,6 +228,8 @@ def parse_args(argv):
     parser.add_argument("--out", help="report (default benchmarks/results/quality.md; --quick: a temp dir)")
     parser.add_argument("--work", default=None, help="run records and adapters (default: a temp dir)")
     parser.add_argument("--keep-adapters", action="store_true", help="keep every run's adapter dir in --work")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs --work already holds from the same command (a study interrupted and restarted)")
     parser.add_argument("--from-json", help="rewrite --out from a finished study's JSON (no training)")
     parser.add_argument("--note", default="", help="a paragraph added under the tables (how the run went)")
     parser.add_argument("override", nargs="*", help="dotted config overrides for every run, e.g. lora.r=8")

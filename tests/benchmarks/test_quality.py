@@ -156,3 +156,25 @@ def test_quick_defaults_and_bad_grids(tmp_path):
         quality.parse_args(["--full-lrs", "fast"])
     with pytest.raises(SystemExit, match="--modes"):
         quality.parse_args(["--modes", "add,sideways"])
+
+
+def test_resume_reuses_only_runs_of_the_same_command(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_call(cmd, cwd=None):
+        calls.append(cmd)
+        out = cmd[cmd.index("--json") + 1]
+        scores = {"rouge1": 0.1, "rouge2": 0.0, "rougeL": 0.1}
+        (tmp_path / out).write_text(json.dumps({"split": "validation", "scores": scores, "train_seconds": 1.0}))
+        return 0
+
+    monkeypatch.setattr(quality.subprocess, "call", fake_call)
+    args = quality.parse_args(["--quick", "--work", str(tmp_path), "--out", str(tmp_path / "q.md"), "--resume"])
+    study = quality.Study(args)
+    first = study.run("select", "lora", 1e-3, 42)
+    again = study.run("select", "lora", 1e-3, 42)
+    assert len(calls) == 1 and again["command"] == first["command"] and again["scores"] == first["scores"]
+    study.run("select", "lora", 3e-3, 42)  # another run: trained
+    args.steps += 1  # the same name with other settings: stale, retrained
+    study.run("select", "lora", 1e-3, 42)
+    assert len(calls) == 3
