@@ -1,7 +1,7 @@
 """Classifying files by type: a classifier-head adapter against label generation (free and
 constrained), each with fusion on and off, every choice made on validation.
 
-    HF_HUB_CACHE=/work/shared/hf/hub HF_HUB_OFFLINE=1 python benchmarks/classify.py          # ~1-1.5 h on 2 cores
+    HF_HUB_CACHE=/work/shared/hf/hub HF_HUB_OFFLINE=1 python benchmarks/classify.py          # ~1 h on 2 shared cores
     HF_HUB_CACHE=/work/shared/hf/hub HF_HUB_OFFLINE=1 python benchmarks/classify.py --quick  # < 15 min
 
 Data: ../shared/data/file-descriptions/file_type.jsonl (2010 rows, file -> ext_def), shuffled and
@@ -14,8 +14,8 @@ and LoRA settings in every arm.
 Two phases, each run in its own process:
 
   select  one seed (0): every arm at each lr of its family's grid (--head-lrs, --gen-lrs; the fusion
-          arms at every lr, or with --fusion-lrs chosen at the lr chosen for the same family without
-          fusion), scored on VALIDATION; per arm the run with the best validation macro-F1 is chosen
+          arms at every lr too, or with --fusion-lrs chosen at the lr chosen for the same family
+          without fusion), scored on VALIDATION; per arm the run with the best validation macro-F1 is chosen
           (head: the head's; gen: constrained, then free), ties to the lower validation loss, then
           the lower lr. These runs never see the test split: it is removed from their config.
   final   each chosen arm retrained with --seeds seeds (1, 2, ...) and scored once on TEST.
@@ -57,7 +57,7 @@ RUN_SCRIPT = Path(__file__).resolve().parent / "classify_run.py"
 SELECT_SEED = 0
 # --quick: every arm and both phases in a few minutes (figures meaningless; the machinery proven).
 QUICK = {"steps": 6, "head_lrs": "1e-3", "gen_lrs": "1e-3", "fusion_lrs": "chosen", "seeds": 2, "max_rows": 16}
-DEFAULTS = {"steps": None, "head_lrs": "3e-4,1e-3,3e-3", "gen_lrs": "3e-4,1e-3,3e-3", "fusion_lrs": "chosen", "seeds": 3,
+DEFAULTS = {"steps": None, "head_lrs": "3e-4,1e-3,3e-3", "gen_lrs": "3e-4,1e-3,3e-3", "fusion_lrs": "grid", "seeds": 3,
             "max_rows": None}
 
 
@@ -177,7 +177,7 @@ def parse_args(argv):
     parser.add_argument("--head-lrs", help="head lr grid (default 3e-4,1e-3,3e-3)")
     parser.add_argument("--gen-lrs", help="gen lr grid (default 3e-4,1e-3,3e-3)")
     parser.add_argument("--fusion-lrs", choices=("grid", "chosen"),
-                        help="the fusion arms at every lr (grid) or at the lr chosen without fusion (chosen, default)")
+                        help="the fusion arms at every lr (grid, default) or at the lr chosen without fusion (chosen)")
     parser.add_argument("--fusion-mode", default="add", choices=("add", "first", "prefix"))
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     parser.add_argument("--seeds", type=int, help="seeds per final arm (default 3)")

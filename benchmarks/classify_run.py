@@ -55,6 +55,10 @@ COMMON = [
     r"lora.target_modules=['.*\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)']",
     "fusion.embedding_model=" + MINILM, "train.batch_size=16", "train.eval_batch_size=32", "train.warmup_ratio=0.06",
     "train.group_by_length=true", "generation.max_new_tokens=8", "generation.num_beams=1",
+    # One torch thread (training and decoding): on this shared 2-core machine, with other jobs running,
+    # 2 threads took 8.2 s per head step and 1 thread 0.24 s (same losses): the threads spin-wait for
+    # each other while the cores are busy elsewhere.
+    "train.cpu_threads=1",
 ]
 # The head keeps the epoch with the best validation macro-F1 (ties: lower validation loss). The gen
 # arms keep the lowest validation loss: training's per-epoch evaluation decodes free text and scores

@@ -69,6 +69,7 @@ def test_select_config_has_no_test_split_and_the_run_settings_win(tmp_path):
     assert (final.train.max_steps, final.train.eval_max_rows, final.train.eval_metric) == (5, 16, "val_loss")
     # the same batching in every arm
     assert (select.train.batch_size, select.train.group_by_length) == (final.train.batch_size, final.train.group_by_length) == (16, True)
+    assert select.train.cpu_threads == final.train.cpu_threads == 1
     with pytest.raises(SystemExit, match="unknown arm"):
         classify_run.run_config("fusion", "select", 1e-3, 0, tmp_path / "z")
 
@@ -122,14 +123,25 @@ class FakeStudy:
                 "references": REFS, "decodings": decodings}
 
 
+def test_the_fusion_arms_get_the_whole_grid_by_default(tmp_path, monkeypatch):
+    args = classify.parse_args(["--head-lrs", "1e-3,3e-3", "--gen-lrs", "3e-4,1e-3", "--out", str(tmp_path / "c.md")])
+    monkeypatch.setitem(VALIDATION, ("head+fusion", 1e-3), (1.0, 0.3))
+    monkeypatch.setitem(VALIDATION, ("gen+fusion", 3e-4), (0.9, 0.3))
+    study = FakeStudy()
+    _, chosen = classify.select_phase(study, args)
+    assert [c[1:3] for c in study.calls if c[1].endswith("+fusion")] == [
+        ("head+fusion", 1e-3), ("head+fusion", 3e-3), ("gen+fusion", 3e-4), ("gen+fusion", 1e-3)]
+    assert chosen["gen+fusion"]["lr"] == 3e-4 and args.seeds == 3
+
+
 def test_choices_follow_validation_and_only_chosen_arms_reach_test(tmp_path, monkeypatch):
     monkeypatch.setattr(classify, "label_counts", lambda: {"train": {"Shell script": 3, "file": 3}, "validation": {"Shell script": 1}})
-    args = classify.parse_args(["--head-lrs", "3e-4,1e-3,3e-3", "--gen-lrs", "3e-4,1e-3", "--seeds", "2",
-                                "--out", str(tmp_path / "c.md")])
+    args = classify.parse_args(["--head-lrs", "3e-4,1e-3,3e-3", "--gen-lrs", "3e-4,1e-3", "--fusion-lrs", "chosen",
+                                "--seeds", "2", "--out", str(tmp_path / "c.md")])
     study = FakeStudy()
     select, chosen = classify.select_phase(study, args)
     assert {c[0] for c in study.calls} == {"select"} and {c[3] for c in study.calls} == {0}
-    # --fusion-lrs chosen (default): each fusion arm at the lr chosen without fusion only
+    # --fusion-lrs chosen: each fusion arm at the lr chosen without fusion only
     assert [c[2] for c in study.calls if c[1].endswith("+fusion")] == [3e-3, 1e-3]
     assert {arm: r["lr"] for arm, r in chosen.items()} == {"head": 3e-3, "head+fusion": 3e-3, "gen": 1e-3, "gen+fusion": 1e-3}
     final = classify.final_phase(study, chosen, [1, 2])
