@@ -71,6 +71,9 @@ def export_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str = "fl
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     adapter_dir, out = Path(adapter_dir), Path(out)
     meta = read_metadata(adapter_dir)
+    if meta.base.get("task") == "classification":
+        raise AdapterError(f"{adapter_dir}: a classifier-head adapter; lexlora export writes merged seq2seq models "
+                           "only (serve or load classifier adapters with lexlora / LexLoRA)")
     _refuse_quantized(adapter_dir, recorded_quantization(adapter_dir, meta))
     if out.exists() and not overwrite:
         raise AdapterError(f"output dir {out} already exists; choose another --out, or pass --overwrite to "

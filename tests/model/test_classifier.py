@@ -168,3 +168,14 @@ def test_a_classifier_does_not_load_onto_a_seq2seq_base(family_configs, tmp_path
     seq2seq = ModelConfig(name_or_path=config.name_or_path, random_init=True, config_overrides=dict(TINY_T5))
     with pytest.raises(AdapterError, match="classifier-head adapter.*serves seq2seq adapters only"):
         load_adapter(path, base=load_base_model(seq2seq), base_config=seq2seq)
+
+
+def test_export_refuses_a_classifier(family_configs, tmp_path):
+    from lexlora.export.writer import export_adapter
+
+    config = family_configs["bert"]
+    model = make_classifier(config, mode=None)
+    path = save_adapter(model, tmp_path / "c", {"base": fingerprint(model.base_model, config)}, save_dtype="float32")
+    with pytest.raises(AdapterError, match="classifier-head adapter; lexlora export writes merged seq2seq"):
+        export_adapter(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
