@@ -225,12 +225,13 @@ def main(argv=None) -> int:
     settings = study_settings(args)
     command = "python benchmarks/classify.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started_at, wall = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    commit = git_state()  # the code the runs start from (others may commit while the study runs)
     study = Study(args)
     select, chosen = select_phase(study, args)
     seeds = [SELECT_SEED + 1 + i for i in range(args.seeds)]
     final = final_phase(study, chosen, seeds)
     saved = {
-        "command": command.strip(), "date": started_at.isoformat(), "commit": git_state(),
+        "command": command.strip(), "date": started_at.isoformat(), "commit": commit,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "wall_seconds": time.perf_counter() - wall, "settings": settings, "seeds": seeds,
         "load_avg": {"min": min(study.loads, default=float("nan")), "max": max(study.loads, default=float("nan"))},

@@ -61,8 +61,8 @@ COMMON = [
     "train.cpu_threads=1",
 ]
 # The head keeps the epoch with the best validation macro-F1 (ties: lower validation loss). The gen
-# arms keep the lowest validation loss: training's per-epoch evaluation decodes free text and scores
-# exact strings, which the uncased tokenizer never matches (macro-F1 0 at every epoch).
+# arms keep the lowest validation loss: one adapter serves two decodings, and a per-epoch macro-F1
+# would judge the epoch by one of them (training evaluates a label task constrained).
 HEAD = ["model.task=classification", f"model.name_or_path={MINILM}", "classifier.pooling=mean",
         "classifier.class_weights=none", "train.eval_metric=macro_f1"]
 GEN = [f"model.name_or_path=encoder-decoder:{MINILM}+{MINILM}", "train.eval_metric=val_loss"]
