@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from classify_report import result_line, write_report  # noqa: E402
 from classify_run import ARMS, DATA, SHUFFLE_SEED, SPLITS  # noqa: E402
-from quality import _version, git_state, lr_list  # noqa: E402
+import study_common  # noqa: E402
+from study_common import git_state, lr_list, version  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = Path(__file__).resolve().parent / "classify_run.py"
@@ -165,7 +166,7 @@ def study_settings(args) -> dict:
         "fusion_mode": args.fusion_mode, "select_seed": SELECT_SEED, "head_lrs": args.head_lrs, "gen_lrs": args.gen_lrs,
         "fusion_lrs": args.fusion_lrs, "max_rows": args.max_rows, "arms": args.arms, "overrides": list(args.override),
         "quick": args.quick, "processor": platform.processor() or platform.machine(),
-        "versions": {name: _version(name) for name in ("torch", "transformers", "peft", "sentence-transformers")},
+        "versions": {name: version(name) for name in ("torch", "transformers", "peft", "sentence-transformers")},
     }
 
 
@@ -205,11 +206,7 @@ def parse_args(argv):
 
 
 def write_outputs(args, saved: dict) -> str:
-    line = result_line(saved)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(write_report(saved, note=args.note) + f"\n```\n{line}\n```\n")
-    return line
+    return study_common.write_outputs(args.out, saved, args.note, write_report, result_line)
 
 
 def main(argv=None) -> int:

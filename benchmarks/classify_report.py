@@ -3,6 +3,8 @@ that `--from-json` rewrites them without training)."""
 
 from __future__ import annotations
 
+from study_common import failures_lines
+
 import datetime
 import math
 
@@ -80,9 +82,7 @@ def write_report(saved: dict, note: str = "") -> str:
     lines += final_table(saved)
     lines += difference_table(saved)
     lines += select_table(saved)
-    if saved.get("failures"):
-        lines += ["", "Runs that failed (left out above): " + "; ".join(
-            f"{f['phase']} {f['arm']} lr {f['lr']:g} seed {f['seed']} (exit {f['exit']})" for f in saved["failures"]) + "."]
+    lines += failures_lines(saved)
     if note:
         lines += ["", note]
     lines += errors_seen(saved)

@@ -26,7 +26,6 @@ label's round trip to that label; `free_exact` keeps the raw strings (what exact
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import study_common  # noqa: E402  (benchmarks/ is on the path when this script runs)
 
 ARMS = ("head", "head+fusion", "gen", "gen+fusion")
 PHASES = {"select": "validation", "final": "test"}  # the split each phase scores
@@ -159,7 +160,6 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    import logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=sorted(PHASES), required=True)
@@ -169,15 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (otherwise --epochs)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--fusion-mode", default="add")
-    parser.add_argument("--max-rows", type=int, default=None, help="score (and evaluate each epoch on) the first N rows")
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--json", required=True, help="where the run's record goes")
-    parser.add_argument("--keep-adapters", action="store_true")
-    parser.add_argument("override", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    Path(args.json).write_text(json.dumps(run(args), indent=1) + "\n")
-    return 0
+    study_common.add_run_arguments(parser, "score (and evaluate each epoch on) the first N rows")
+    return study_common.finish_run(parser.parse_args(argv), run)
 
 
 if __name__ == "__main__":

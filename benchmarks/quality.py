@@ -57,8 +57,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import study_common  # noqa: E402
 from quality_arms import MODES  # noqa: E402
 from quality_report import FAMILIES, result_line, write_report  # noqa: E402
+from study_common import git_state, lr_list, version  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS_SCRIPT = Path(__file__).resolve().parent / "quality_arms.py"
@@ -66,16 +68,6 @@ DEFAULT_CONFIG = ROOT / "configs" / "minilm_file_description.yaml"
 # --quick: every family and both phases in a few minutes (figures meaningless; the machinery proven).
 QUICK = {"steps": 8, "full_lrs": "3e-4", "lora_lrs": "1e-3,3e-3", "fusion_lrs": "lora", "seeds": 2,
          "max_val_rows": 16, "max_test_rows": 16}
-
-
-def lr_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"learning rates must be a comma list of numbers, e.g. 3e-4,1e-3 (got {text!r})") from None
-    if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"learning rates must be a non-empty comma list of positive numbers (got {text!r})")
-    return values
 
 
 def mode_list(text: str) -> list[str]:
@@ -186,29 +178,8 @@ def study_settings(args) -> dict:
         "select_seed": cfg.train.seed, "full_lrs": args.full_lrs, "lora_lrs": args.lora_lrs, "modes": args.modes,
         "fusion_lrs": args.fusion_lrs, "max_val_rows": args.max_val_rows, "max_test_rows": args.max_test_rows,
         "quick": args.quick, "processor": platform.processor() or platform.machine(),
-        "versions": {name: _version(name) for name in ("torch", "transformers", "peft")},
+        "versions": {name: version(name) for name in ("torch", "transformers", "peft")},
     }
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
-
-
-def git_state() -> str:
-    """HEAD's short commit, and whether the code the runs import had uncommitted changes."""
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "lexlora", "benchmarks", "configs")
-    return f"{commit} (with uncommitted changes under lexlora/, benchmarks/ or configs/)" if dirty else commit
 
 
 def parse_args(argv):
@@ -252,12 +223,7 @@ def parse_args(argv):
 
 
 def write_outputs(args, saved: dict) -> str:
-    report = write_report(saved, note=args.note)
-    line = result_line(saved)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report + f"\n```\n{line}\n```\n")
-    return line
+    return study_common.write_outputs(args.out, saved, args.note, write_report, result_line)
 
 
 def main(argv=None) -> int:

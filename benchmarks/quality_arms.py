@@ -16,7 +16,6 @@ fusion off), `fusion-MODE` (train with fusion on, in that mode).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import study_common  # noqa: E402  (benchmarks/ is on the path when this script runs)
 
 MODES = ("add", "first", "prefix")
 ARMS = ("full", "lora", *(f"fusion-{mode}" for mode in MODES))
@@ -196,7 +197,6 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    import logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
@@ -205,15 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--max-rows", type=int, default=None, help="score only the first N rows of the phase's split")
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--json", required=True, help="where the run's record goes")
-    parser.add_argument("--keep-adapters", action="store_true")
-    parser.add_argument("override", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    Path(args.json).write_text(json.dumps(run(args), indent=1) + "\n")
-    return 0
+    study_common.add_run_arguments(parser, "score only the first N rows of the phase's split")
+    return study_common.finish_run(parser.parse_args(argv), run)
 
 
 if __name__ == "__main__":

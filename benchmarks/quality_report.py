@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from study_common import failures_lines
+
 import datetime
 import math
 
@@ -77,9 +79,7 @@ def write_report(saved: dict, note: str = "") -> str:
     lines += final_table(saved, final)
     lines += difference_table(final)
     lines += select_table(saved)
-    if saved.get("failures"):
-        lines += ["", "Runs that failed (left out above): " + "; ".join(
-            f"{f['phase']} {f['arm']} lr {f['lr']:g} seed {f['seed']} (exit {f['exit']})" for f in saved["failures"]) + "."]
+    lines += failures_lines(saved)
     if note:
         lines += ["", note]
     lines += ["", "Anchors (not rerun here):", "", "| | ROUGE-1 | ROUGE-2 | ROUGE-L |", "|---|---|---|---|"]
