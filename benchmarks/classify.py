@@ -36,12 +36,10 @@ tokenizer's round trip of the labels) / constrained; fusion_delta_f1 = head+fusi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -199,9 +197,7 @@ def parse_args(argv):
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not args.arms or set(args.arms) - set(ARMS):
         raise SystemExit(f"--arms takes a comma list of {', '.join(ARMS)} (got {','.join(args.arms)!r})")
-    if args.out is None:
-        args.out = (str(Path(tempfile.mkdtemp(prefix="lexlora-classify-quick-")) / "classify.md") if args.quick
-                    else str(ROOT / "benchmarks" / "results" / "classify.md"))
+    args.out = args.out or study_common.default_out(args.quick, "classify")
     return args
 
 
@@ -212,24 +208,18 @@ def write_outputs(args, saved: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        print(write_outputs(args, saved))
-        return 0
+        return study_common.rewrite_from_json(args.from_json, lambda saved: write_outputs(args, saved))
 
-    os.environ.setdefault("LEXLORA_CACHE", tempfile.mkdtemp(prefix="lexlora-classify-cache-"))
-    args.work = args.work or tempfile.mkdtemp(prefix="lexlora-classify-")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    command, started_at, wall = study_common.start_study(args, "classify", argv)
     settings = study_settings(args)
-    command = "python benchmarks/classify.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    started_at, wall = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     commit = git_state()  # the code the runs start from (others may commit while the study runs)
     study = Study(args)
     select, chosen = select_phase(study, args)
     seeds = [SELECT_SEED + 1 + i for i in range(args.seeds)]
     final = final_phase(study, chosen, seeds)
     saved = {
-        "command": command.strip(), "date": started_at.isoformat(), "commit": commit,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "command": command, "date": started_at.isoformat(), "commit": commit,
+        "cores": study_common.machine_cores(),
         "wall_seconds": time.perf_counter() - wall, "settings": settings, "seeds": seeds,
         "load_avg": {"min": min(study.loads, default=float("nan")), "max": max(study.loads, default=float("nan"))},
         "chosen": {arm: {"arm": r["arm"], "lr": r["lr"]} for arm, r in chosen.items()},

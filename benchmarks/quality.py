@@ -44,13 +44,11 @@ runs take ~3 h (~2.2 h with --fusion-lrs lora). --quick makes 12 runs of 8 steps
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -216,9 +214,7 @@ def parse_args(argv):
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
     if not args.families or set(args.families) - set(FAMILIES):
         raise SystemExit(f"--families takes a comma list of {', '.join(FAMILIES)} (got {','.join(args.families)!r})")
-    if args.out is None:
-        args.out = (str(Path(tempfile.mkdtemp(prefix="lexlora-quality-quick-")) / "quality.md") if args.quick
-                    else str(ROOT / "benchmarks" / "results" / "quality.md"))
+    args.out = args.out or study_common.default_out(args.quick, "quality")
     return args
 
 
@@ -229,23 +225,18 @@ def write_outputs(args, saved: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        print(write_outputs(args, saved))
-        return 0
+        return study_common.rewrite_from_json(args.from_json, lambda saved: write_outputs(args, saved))
 
-    os.environ.setdefault("LEXLORA_CACHE", tempfile.mkdtemp(prefix="lexlora-quality-cache-"))
-    args.work = args.work or tempfile.mkdtemp(prefix="lexlora-quality-")
-    Path(args.work).mkdir(parents=True, exist_ok=True)
+    command, started_at, wall = study_common.start_study(args, "quality", argv)
     settings = study_settings(args)
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    started_at, wall = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    commit = git_state()  # the code the runs start from (others may commit while the study runs)
     study = Study(args)
     select, chosen = select_phase(study, args, settings["select_seed"])
     seeds = [settings["select_seed"] + 1 + i for i in range(args.seeds)]
     final = final_phase(study, chosen, seeds)
     saved = {
-        "command": command.strip(), "date": started_at.isoformat(), "commit": git_state(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "command": command, "date": started_at.isoformat(), "commit": commit,
+        "cores": study_common.machine_cores(),
         "wall_seconds": time.perf_counter() - wall, "settings": settings, "seeds": seeds,
         "chosen": {fam: {"arm": r["arm"], "lr": r["lr"]} for fam, r in chosen.items()},
         "select": select, "final": final, "failures": study.failures,

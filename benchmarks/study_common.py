@@ -5,9 +5,14 @@ writing the report with its RESULT line."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -76,3 +81,30 @@ def write_outputs(out: str | Path, saved: dict, note: str, write_report: Callabl
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(write_report(saved, note=note) + f"\n```\n{line}\n```\n")
     return line
+
+
+def start_study(args, name: str, argv) -> tuple[str, datetime.datetime, float]:
+    """A study's private embedding cache and work dir; returns its command line, start date and clock."""
+    os.environ.setdefault("LEXLORA_CACHE", tempfile.mkdtemp(prefix=f"lexlora-{name}-cache-"))
+    args.work = args.work or tempfile.mkdtemp(prefix=f"lexlora-{name}-")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    command = f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return command.strip(), datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def default_out(quick: bool, name: str) -> str:
+    """The report's path: benchmarks/results/NAME.md, or a temp dir for a --quick run (whose figures
+    must never replace a full study's)."""
+    if quick:
+        return str(Path(tempfile.mkdtemp(prefix=f"lexlora-{name}-quick-")) / f"{name}.md")
+    return str(ROOT / "benchmarks" / "results" / f"{name}.md")
+
+
+def rewrite_from_json(path: str, write: Callable[[dict], str]) -> int:
+    """--from-json: the report again from a finished study's record, no training."""
+    print(write(json.loads(Path(path).read_text())))
+    return 0
