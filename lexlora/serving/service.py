@@ -237,16 +237,24 @@ class GenerationService:
         """A constrained request: every label scored in one forward pass, off the event loop."""
         registry = self.store.registry
 
+        plans = [loaded.plan()] * len(inputs)
+
         def run():
             with self.exclusive():
                 if loaded.unloaded:
                     raise AdapterError(f"adapter {loaded.name!r} was unloaded")
-                return registry.predict_labels([loaded.plan()] * len(inputs), list(inputs))
+                predictions = registry.predict_labels(plans, list(inputs))
+            # usage: the prompts' tokens as the model read them; a label is scored, not generated,
+            # so a classifier's completion counts none and a seq2seq label its own tokens.
+            prompt = sum(map(len, registry.pipeline.token_ids(plans, registry.pipeline.records(plans, list(inputs)))))
+            label_tokens = 0 if loaded.head is not None else sum(
+                len(ids) for ids in registry.tokenizer(text_target=[p.label for p in predictions])["input_ids"])
+            return predictions, prompt, label_tokens
 
-        predictions = await asyncio.to_thread(run)
+        predictions, prompt_tokens, completion_tokens = await asyncio.to_thread(run)
         total_ms = round((time.monotonic() - started) * 1000, 2)
-        completion = Completion([p.label for p in predictions], ["stop"] * len(predictions), 0, 0,
-                                f"load;dur={round(load_s * 1000, 2)}, total;dur={total_ms}",
+        completion = Completion([p.label for p in predictions], ["stop"] * len(predictions), prompt_tokens,
+                                completion_tokens, f"load;dur={round(load_s * 1000, 2)}, total;dur={total_ms}",
                                 scores=[p.scores for p in predictions])
         self._count(route, loaded.name, 200, started, None, completion)
         return completion

@@ -143,3 +143,14 @@ def test_openai_completion_of_a_label_adapter_is_the_label(label_server):
     status, body = call(f"{url}/v1/completions", "POST", {"model": "tone", "prompt": "setup.py"})
     assert status == 200
     assert body["choices"][0]["text"] == registry.generate_labels(["setup.py"], adapter="tone")[0].label
+
+
+def test_openai_usage_of_a_label_adapter(label_server):
+    url, registry = label_server
+    status, body = call(f"{url}/v1/completions", "POST", {"model": "tone", "prompt": "setup.py"})
+    assert status == 200
+    label = body["choices"][0]["text"]
+    plan = registry.adapters["tone"].plan()
+    prompt = registry.pipeline.token_ids([plan], registry.pipeline.records([plan], ["setup.py"]))[0]
+    assert body["usage"]["prompt_tokens"] == len(prompt) > 0
+    assert body["usage"]["completion_tokens"] == len(registry.tokenizer(text_target=[label])["input_ids"][0])

@@ -118,3 +118,13 @@ def test_server_answers_labels_with_scores(classifier_server):
     assert body["choices"][0]["text"] == registry.generate_labels(["setup.py"], adapter="prefixed")[0].label
     status, body = call(f"{url}/v1/models")
     assert {m["id"] for m in body["data"]} >= {"types", "binary", "prefixed"}
+
+
+def test_openai_usage_counts_a_classifier_prompt(classifier_server):
+    from tests.serving.served import call
+
+    url, registry = classifier_server
+    status, body = call(f"{url}/v1/completions", "POST", {"model": "types", "prompt": "setup.py"})
+    assert status == 200
+    prompt_ids = registry.tokenizer("setup.py")["input_ids"]  # the adapter's template is "{filename}"
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids) and body["usage"]["completion_tokens"] == 0
