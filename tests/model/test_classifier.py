@@ -179,3 +179,16 @@ def test_export_refuses_a_classifier(family_configs, tmp_path):
     with pytest.raises(AdapterError, match="classifier-head adapter; lexlora export writes merged seq2seq"):
         export_adapter(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_plain_peft_loads_the_lora_part(family_configs, tmp_path):
+    from peft import PeftModel
+
+    config = family_configs["bert"]
+    model = make_classifier(config, mode=None)
+    perturb_(model)
+    path = save_adapter(model, tmp_path / "c", {"base": fingerprint(model.base_model, config)}, save_dtype="float32")
+    plain = PeftModel.from_pretrained(load_base_model(config), str(path))
+    ours = dict(model.peft_model.named_parameters())
+    lora = {k: p for k, p in plain.named_parameters() if ".lora_" in k}
+    assert lora and all(torch.equal(p, ours[k]) for k, p in lora.items())
