@@ -399,14 +399,11 @@ def load_adapter(
     if classifier is not None:
         model = LexClassifierModel.create_classifier(base, tokenizer, lora_config, files.spec, classifier,
                                                      max_source_length=files.meta.max_source_length)
-        model.load_trainable_state_dict(files.state, source=str(files.weights_path))
-        model.requires_grad_(False)
-        model.eval()
-        return model
-    model = LexLoraModel.create(base, tokenizer, lora_config, files.spec, generation=files.meta.generation,
-                                max_source_length=files.meta.max_source_length)
+    else:
+        model = LexLoraModel.create(base, tokenizer, lora_config, files.spec, generation=files.meta.generation,
+                                    max_source_length=files.meta.max_source_length)
+        model.labels = tuple(files.meta.labels) if files.meta.labels else None  # generate_text constrains to them
     model.load_trainable_state_dict(files.state, source=str(files.weights_path))
-    model.labels = tuple(files.meta.labels) if files.meta.labels else None  # generate_text constrains to them
     model.requires_grad_(False)
     model.eval()
     return model

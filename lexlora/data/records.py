@@ -53,7 +53,11 @@ class Record:
     @property
     def place(self) -> str:
         """"line 7", "row 7" or "train row 7", for messages."""
-        return f"{self.split + ' ' if self.split else ''}{self.unit} {self.line}"
+        return _place(self.split, self.unit, self.line)
+
+
+def _place(split: str | None, unit: str, line: int) -> str:
+    return f"{split + ' ' if split else ''}{unit} {line}"
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,7 @@ def read_records(
                    else ((None, line, raw) for line, raw in readers[fmt](path, required_fields)))
         for split, line, raw in rows_of:
             rows += 1
-            place = f"{split} {where_word} {line}" if split else f"{where_word} {line}"
-            where = f"{path} {place}"
+            where = f"{path} {_place(split, where_word, line)}"
             if isinstance(raw, Problem):
                 problems.append(raw)
                 continue
@@ -392,8 +395,8 @@ def long_target_error(
 ) -> DataError:
     """The error for targets over data.max_target_length when data.on_long_target=refuse;
     `lengths` are the targets' token counts, untruncated."""
-    over = [(r.line, n) for r, n in zip(records, lengths) if n > max_length]
-    shown = ", ".join(f"line {line} ({n} tokens)" for line, n in over[:MAX_REPORTED_PROBLEMS])
+    over = [(r.place, n) for r, n in zip(records, lengths) if n > max_length]
+    shown = ", ".join(f"{place} ({n} tokens)" for place, n in over[:MAX_REPORTED_PROBLEMS])
     more = f" and {len(over) - MAX_REPORTED_PROBLEMS} more" if len(over) > MAX_REPORTED_PROBLEMS else ""
     return DataError(
         f"{source}: {len(over)} of {len(records)} targets of the {split} split are longer than "

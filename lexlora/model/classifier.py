@@ -97,16 +97,17 @@ class ClassifierBackend(Protocol):
 
 @torch.no_grad()
 def classify(pipeline: GenerationPipeline, backend: ClassifierBackend, plans: Sequence[RowPlan],
-             inputs: Sequence[str | Mapping[str, str]], labels: Sequence[Sequence[str]], *, batch_size: int = 32) -> list[LabelPrediction]:
-    """One prediction per input: records -> tokens -> fused embeddings (each row's adapter, as the
-    generation pipeline does) -> encoder once (routed per row) -> each row's pooling and head."""
+             inputs: Sequence[str | Mapping[str, str]], *, batch_size: int = 32) -> list[LabelPrediction]:
+    """One prediction per input over its plan's `labels`: records -> tokens -> fused embeddings (each
+    row's adapter, as the generation pipeline does) -> encoder once (routed per row) -> each row's
+    pooling and head."""
     out: list[LabelPrediction] = []
     for rows, chunk, embeds, mask in pipeline.encoded_chunks(backend, plans, inputs, batch_size):
         with backend.routed(chunk):
             states = backend.encode(embeds, mask)
-        for row, logits in zip(rows, backend.head_logits(chunk, states, mask)):
+        for plan, logits in zip(chunk, backend.head_logits(chunk, states, mask)):
             log_probs = torch.log_softmax(logits.double(), dim=-1)
-            names = labels[row]
+            names = plan.labels
             best = int(log_probs.argmax())
             out.append(LabelPrediction(names[best], dict(zip(names, log_probs.exp().tolist())),
                                        dict(zip(names, log_probs.tolist()))))
@@ -168,12 +169,13 @@ class LexClassifierModel(LexLoraModel):
     def classify_text(self, inputs: Sequence[str | Mapping[str, str]], batch_size: int = 32,
                       max_source_length: int | None = None) -> list[LabelPrediction]:
         """The label and every label's probability, per raw input (a string or a record)."""
-        plan = RowPlan(self.spec, max_source_length or self.max_source_length or DataConfig.max_source_length, 1, 1)
+        plan = RowPlan(self.spec, max_source_length or self.max_source_length or DataConfig.max_source_length, 1, 1,
+                       labels=self.labels)
         count = len(check_input_list(inputs))
         was_training = self.training
         self.eval()
         try:
-            return classify(self.pipeline, self, [plan] * count, inputs, [self.labels] * count, batch_size=batch_size)
+            return classify(self.pipeline, self, [plan] * count, inputs, batch_size=batch_size)
         finally:
             self.train(was_training)
 

@@ -238,7 +238,7 @@ class LexLoRA:
             if constrain is False:
                 raise AdapterError("classifier-head adapters always predict one of their labels; constrain=False "
                                    "applies to seq2seq adapters only")
-            return [p.label for p in self.generate_labels(inputs, adapter, batch_size=batch_size)]
+            return [p.label for p in self.predict_labels([a.plan() for a in rows], inputs, batch_size=batch_size)]
         decided = {a.name: resolve_constrain(constrain, a.labels, generate_kwargs, a.name) for a in rows}
         return generate_or_score(self.pipeline, self, [a.plan(max_new_tokens, num_beams) for a in rows], inputs,
                                  [decided[a.name] for a in rows], batch_size=batch_size, **generate_kwargs)
@@ -260,7 +260,7 @@ class LexLoRA:
         """`generate_labels` for rows already planned (the server's path): the heads of a classifier
         base, else every label of each row's set scored by the decoder."""
         if self.classifies:
-            return classify(self.pipeline, self, plans, inputs, [p.adapter.labels for p in plans], batch_size=batch_size)
+            return classify(self.pipeline, self, plans, inputs, batch_size=batch_size)
         return score_labels(self.pipeline, self, plans, inputs, batch_size=batch_size)
 
     @property
