@@ -26,15 +26,16 @@ def _setup_logging() -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from lexlora.config import load_config
-    from lexlora.training.recipe import train
+    from lexlora.training.joint import train_jobs
 
-    config = load_config(args.config, args.overrides)
-    if args.resume:
-        config.train.resume = True
-    if getattr(args, "overwrite", False):
-        config.overwrite_output_dir = True
-    result = train(config)
-    print(f"adapter: {result.output_dir}")
+    configs = [load_config(path, args.overrides) for path in args.config]
+    for config in configs:
+        if args.resume:
+            config.train.resume = True
+        if getattr(args, "overwrite", False):
+            config.overwrite_output_dir = True
+    for result in train_jobs(configs):
+        print(f"adapter: {result.output_dir}")
     return 0
 
 

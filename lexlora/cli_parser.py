@@ -15,7 +15,12 @@ from lexlora.serving.settings import (
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    if resume:  # train: one config per adapter, all trained in one pass on one base
+        parser.add_argument("--config", required=True, action="append",
+                            help="YAML config file (see configs/); give it several times to train several adapters "
+                                 "in one pass on one frozen base (the overrides apply to every job)")
+    else:
+        parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
         help="dotted overrides, e.g. lora.r=16 data.path=other.jsonl train.max_steps=20 output_dir=out/x",

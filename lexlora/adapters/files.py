@@ -139,7 +139,7 @@ def _write_adapter_files(model: LexLoraModel, directory: Path, metadata: Adapter
     weights = directory / WEIGHTS_NAME
     save_file(state, str(weights), metadata={"format": "pt"})
     weights.chmod(0o666 & ~current_umask())
-    lora_config = model.peft_model.peft_config["default"]
+    lora_config = model.peft_model.peft_config[model.adapter_name]
     lora_config.save_pretrained(str(directory))
     sections = metadata.to_dict() if isinstance(metadata, AdapterMetadata) else dict(metadata)
     meta = AdapterMetadata.from_dict({

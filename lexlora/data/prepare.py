@@ -37,9 +37,10 @@ class PreparedData:
         return int(vectors.shape[-1]) if vectors is not None else None
 
 
-def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
+def prepare_data(cfg: Config, tokenizer, device, encoders: dict[tuple, LexicalEncoder] | None = None) -> PreparedData:
     """Read + validate records, tokenize (a refused long target stops here), then embed: all
-    before any model work but the embedding model's."""
+    before any model work but the embedding model's. `encoders`: the lexical encoders of earlier
+    jobs of a joint run by their settings, reused (one embedding model in memory) and added to."""
     splits, template, lexical_field = load_splits(cfg.data, cfg.fusion.enabled)
     labels = weights = None
     if cfg.classifies:
@@ -58,9 +59,10 @@ def prepare_data(cfg: Config, tokenizer, device) -> PreparedData:
         }
     encoder = None
     if cfg.fusion.enabled:
-        encoder = LexicalEncoder(
-            cfg.fusion.embedding_model, cfg.fusion.cache_dir, cfg.fusion.embedding_batch_size, device
-        )
+        settings = (cfg.fusion.embedding_model, cfg.fusion.cache_dir, cfg.fusion.embedding_batch_size, device)
+        encoder = (encoders or {}).get(settings) or LexicalEncoder(*settings)
+        if encoders is not None:
+            encoders[settings] = encoder
         started = time.perf_counter()
         for name, records in splits.items():
             encoded[name].lexical_embeds = encoder.encode([r.fields[lexical_field] for r in records])

@@ -5,8 +5,10 @@ build theirs with `build_model` from explicit parts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lexlora.config import ClassifierConfig, Config, GenerationSettings, LoraSettings
@@ -18,11 +20,10 @@ from lexlora.model.lora_model import (
 )
 
 if TYPE_CHECKING:
-    import torch
-
     from lexlora.data.embeddings import LexicalEncoder
     from lexlora.model.classifier import LexClassifierModel
     from lexlora.data.prepare import PreparedData
+    from lexlora.model.joint_lora import JointModel
 
 
 def build_model(
@@ -102,7 +103,23 @@ def run_spec(cfg: Config, data: "PreparedData") -> AdapterSpec:
 def model_for_run(cfg: Config, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: "PreparedData") -> LexLoraModel:
     """`build_model` as a training run configures it (lora.*, train.gradient_checkpointing, the
     run's lexical encoder, generation.* and data.max_source_length); `build_classifier` for
-    model.task=classification (classifier.*, the data's labels and class weights)."""
+    model.task=classification (classifier.*, the data's labels and class weights). The new weights
+    are drawn from train.seed alone, whatever ran before: a job of a joint run starts exactly as its
+    solo run does."""
+    with seeded(cfg.train.seed):
+        return _model_for_run(cfg, base, tokenizer, data)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's RNGs (CPU and CUDA) seeded with `seed` inside, and as they were after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _model_for_run(cfg: Config, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: "PreparedData") -> LexLoraModel:
     if cfg.classifies:
         assert data.labels is not None, "a classification run's data carries its labels"
         return build_classifier(
@@ -115,3 +132,35 @@ def model_for_run(cfg: Config, base: PreTrainedModel, tokenizer: PreTrainedToken
         base_id=cfg.model.name_or_path, encoder=data.encoder, gradient_checkpointing=cfg.train.gradient_checkpointing,
         generation=cfg.generation, max_source_length=cfg.data.max_source_length,
     )
+
+
+def joint_model_for_run(jobs: "list[tuple[Config, PreparedData]]", base: PreTrainedModel,
+                        tokenizer: PreTrainedTokenizerBase) -> "JointModel":
+    """Every job's fresh LoRA + fusion on one `base` (lexlora.model.joint_lora): job 0's as its solo
+    run builds it, the others as named PEFT adapters beside it, each drawn from its own train.seed."""
+    from lexlora.model.fusion import LexicalFusion, encoder_input_width
+    from lexlora.model.joint_lora import JobModel, JointModel, install_router
+
+    views = []
+    for index, (cfg, data) in enumerate(jobs):
+        if index == 0:
+            first = model_for_run(cfg, base, tokenizer, data)
+            peft_model, fusion = first.peft_model, first.lexical_fusion
+        else:
+            spec = run_spec(cfg, data)
+            lora_config = build_lora_config(cfg.lora, base.config.model_type, cfg.model.name_or_path, base.config)
+            with seeded(cfg.train.seed):
+                peft_model.add_adapter(f"job{index}", lora_config)
+            fusion = LexicalFusion(spec.embedding_dim, encoder_input_width(base), spec.fusion_mode) if spec.fusion_enabled else None
+            if fusion is not None:
+                fusion.to(peft_model.device)
+        view = JobModel(peft_model, tokenizer, run_spec(cfg, data), fusion, data.encoder, cfg.generation,
+                        cfg.data.max_source_length)
+        view.adapter_name = "default" if index == 0 else f"job{index}"
+        views.append(view)
+    router = install_router(peft_model)
+    for view in views:
+        view.router = router
+        for param in view.own_parameters():  # PEFT leaves only the active adapter trainable
+            param.requires_grad_(True)
+    return JointModel(views)

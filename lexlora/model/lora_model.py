@@ -111,6 +111,8 @@ class LexLoraModel(nn.Module):
     # A label task's label set (lexlora.json `labels`, set when loaded): generate_text is constrained
     # to it by default. None: free text.
     labels: tuple[str, ...] | None = None
+    # The PEFT adapter this model's LoRA is (a joint run's job views name theirs; lexlora.model.joint_lora).
+    adapter_name: str = "default"
 
     @classmethod
     def create(
@@ -171,7 +173,7 @@ class LexLoraModel(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA weights under PEFT's key names, plus the fusion projection under `lexical_fusion.`
         (and a classifier's head under its prefix: `own_modules`)."""
-        state = dict(get_peft_model_state_dict(self.peft_model, save_embedding_layers=False))
+        state = dict(get_peft_model_state_dict(self.peft_model, adapter_name=self.adapter_name, save_embedding_layers=False))
         for prefix, module in self.own_modules().items():
             for key, value in module.state_dict().items():
                 state[prefix + key] = value
@@ -195,7 +197,7 @@ class LexLoraModel(nn.Module):
                     f"{source}: tensor {key} has shape {tuple(value.shape)}, the adapter config implies "
                     f"{tuple(expected[key].shape)} (rank or target modules differ from adapter_config.json?)"
                 )
-        set_peft_model_state_dict(self.peft_model, lora)
+        set_peft_model_state_dict(self.peft_model, lora, adapter_name=self.adapter_name)
         for prefix, module in own.items():
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 

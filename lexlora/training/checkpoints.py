@@ -192,19 +192,28 @@ class Checkpoints:
             )
         latest = found[-1]
         saved = json.loads((latest / STATE_NAME).read_text())
-        differences = config_differences(saved["config"], config_to_dict(self.cfg))
+        differences = self.differences(saved)
         if saved.get("num_processes") != self.accelerator.num_processes:
             differences.append(
                 f"number of processes: {saved.get('num_processes')} in the checkpoint, {self.accelerator.num_processes} now"
             )
-        if saved.get("dataset_sha256") != self.dataset_sha256:
-            differences.append(f"the contents of data.path {self.cfg.data.path} changed since the checkpoint")
         if differences:
             raise ConfigError(
                 f"train.resume: {latest} was saved by a run with other settings; resume with the same ones, "
                 "or delete the checkpoint dir to start over:\n  " + "\n  ".join(differences)
             )
         return latest
+
+    def config_dict(self) -> dict[str, Any]:
+        """The run's settings as a checkpoint records them."""
+        return config_to_dict(self.cfg)
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """What differs between a checkpoint's run (`saved`: its state file) and this one."""
+        differences = config_differences(saved["config"], self.config_dict())
+        if saved.get("dataset_sha256") != self.dataset_sha256:
+            differences.append(f"the contents of data.path {self.cfg.data.path} changed since the checkpoint")
+        return differences
 
     # ---- model weights: the trainables only -------------------------------------------------
     def attach(self, unwrapped) -> None:
@@ -225,7 +234,9 @@ class Checkpoints:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     # ---- save / load ----------------------------------------------------------------------------
-    def save(self, loop: LoopState, extra: dict[str, Any], best: dict[str, torch.Tensor] | None, log: Path | None) -> Path:
+    def save(self, loop: LoopState, extra: dict[str, Any], best: dict[str, torch.Tensor] | None,
+             log: Path | dict[str, Path | None] | None) -> Path:
+        """`log`: the training log to keep with it, or {file name: log} for several."""
         accelerator, main = self.accelerator, self.accelerator.is_main_process
         name = checkpoint_name(loop.step, loop.epoch)
         final = self.directory / name
@@ -241,10 +252,11 @@ class Checkpoints:
         if main:
             if best is not None:
                 save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / BEST_NAME))
-            if log is not None and log.is_file():
-                shutil.copyfile(log, tmp / LOG_NAME)
+            for name, path in (log.items() if isinstance(log, dict) else [(LOG_NAME, log)]):
+                if path is not None and path.is_file():
+                    shutil.copyfile(path, tmp / name)
             state = {
-                "loop": asdict(loop), **extra, "config": config_to_dict(self.cfg),
+                "loop": asdict(loop), **extra, "config": self.config_dict(),
                 "num_processes": accelerator.num_processes, "dataset_sha256": self.dataset_sha256,
                 "torch_rng": _rng_fingerprint(),
             }

@@ -8,6 +8,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 from lexlora.config import Config
 from lexlora.errors import ConfigError
@@ -44,11 +45,14 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
-def make_accelerator(cfg: Config, mixed_precision: str, trackers: list[str]) -> Accelerator:
-    """The run's Accelerator; a ConfigError when it would not be one run of all launched processes."""
+def make_accelerator(cfg: Config, mixed_precision: str, trackers: list[str], *, joint: bool = False) -> Accelerator:
+    """The run's Accelerator; a ConfigError when it would not be one run of all launched processes.
+    `joint`: a joint run's, whose DDP must allow parameters without gradients (a job that left the
+    pass keeps its LoRA in the model)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         accelerator = Accelerator(
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if joint else None,
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=trackers or None,

@@ -139,6 +139,10 @@ class TrainingRun:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
+        self.record(loss)
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Count a trained micro-batch and its loss."""
         # The optimizer step is not skipped on a non-finite loss: that would need a host sync per
         # step, the run stops at the next check anyway, and the weights kept are the last verified.
         loss = loss.detach()
@@ -227,20 +231,30 @@ class TrainingRun:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:
         self.verify()  # a checkpoint only ever holds weights verified finite
-        state = self.state
+        extra, best = self.checkpoint_entry()
+        return self.checkpoints.save(self.state, extra, best, self.log.path)
+
+    def checkpoint_entry(self) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """What a checkpoint keeps of this loop beside its LoopState, and the best epoch's trainables
+        (a collective: every process calls it)."""
         # Each process's running loss (its own batches), so that each resumes with its own.
         sums = self.accelerator.gather(self.running.detach().reshape(1).float()).tolist()
-        state.seconds = self.elapsed()
+        self.state.seconds = self.elapsed()
         self.started = time.perf_counter()
         extra: dict[str, Any] = {"loss_sums": sums, "staging": str(self.staging) if self.staging else None}
         best = None
         if self.evaluator is not None:
             extra["evaluator"] = {"best": self.evaluator.best, "seconds": self.evaluator.seconds}
             best = self.evaluator.best_state
-        return self.checkpoints.save(state, extra, best, self.log.path)
+        return extra, best
 
     def restore(self, path: Path) -> None:
         saved, best = self.checkpoints.load(path)
+        self.apply_checkpoint(saved, best, path, path / LOG_NAME)
+
+    def apply_checkpoint(self, saved: dict[str, Any], best, path: Path, log: Path) -> None:
+        """Take the loop's state from a loaded checkpoint (`saved`: its state with "loop" a
+        LoopState; `best`: the best epoch's trainables; `log`: the log to continue)."""
         self.state = state = saved["loop"]
         state.resumed_at.append(state.step)
         self.running.fill_(saved["loss_sums"][self.accelerator.process_index])
@@ -248,8 +262,8 @@ class TrainingRun:
             self.evaluator.best, self.evaluator.seconds = saved["evaluator"]["best"], saved["evaluator"]["seconds"]
             self.evaluator.best_state = best
         if self.staging is not None:
-            if (path / LOG_NAME).is_file():
-                shutil.copyfile(path / LOG_NAME, self.staging / LOG_NAME)
+            if log.is_file():
+                shutil.copyfile(log, self.staging / LOG_NAME)
             self._remove_old_staging(saved.get("staging"))
         self.verify()  # the restored weights are the last good ones
         self.log.write(resumed_from=str(path), step=state.step, epoch=state.epoch)
