@@ -111,3 +111,35 @@ def test_two_cpu_processes_through_accelerate_launch_are_one_data_parallel_run(t
     assert [r["epoch"] for r in read_log(out / "metrics.jsonl") if "val_loss" in r] == [1, 2]
     assert leftovers(tmp_path) == [] and not (tmp_path / "adapter.checkpoints").exists()
     assert load_adapter(out).spec.fusion_enabled
+
+
+def test_a_joint_run_over_two_cpu_processes_equals_its_jobs_solo_runs(tmp_path):
+    """Two jobs in one 2-process (gloo DDP) joint run: the second job's adapter equals its own
+    2-process solo run's (dropout off: joint.py's docstring)."""
+    from lexlora.config import config_to_yaml
+
+    paths = []
+    for name, extra in [("a", []), ("b", ["lora.r=4", "fusion.mode=prefix", "train.seed=7", "train.learning_rate=2e-3"])]:
+        config = load_config(write_config(tmp_path, STDLIB), [*LONG_RUN, "train.log_every=1", f"output_dir={tmp_path / name}",
+                                                              "model.config_overrides.dropout_rate=0.0", *extra])
+        (tmp_path / f"{name}.yaml").write_text(config_to_yaml(config))
+        paths += ["--config", str(tmp_path / f"{name}.yaml")]
+
+    def launch(*args):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--main_process_port", str(free_port()), "scripts/train_lora.py", *args]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    joint = launch(*paths)
+    assert joint.stdout.count("adapter saved to") == 2
+    launch("--config", str(tmp_path / "b.yaml"), f"output_dir={tmp_path / 'solo_b'}")
+    got, expected = load_file(str(tmp_path / "b" / WEIGHTS)), load_file(str(tmp_path / "solo_b" / WEIGHTS))
+    assert got.keys() == expected.keys() and max((got[k] - expected[k]).abs().max().item() for k in got) < 1e-4
+    losses = [[r["loss"] for r in read_log(d / "metrics.jsonl") if "loss" in r] for d in (tmp_path / "b", tmp_path / "solo_b")]
+    assert len(losses[0]) == len(losses[1]) == 16
+    assert max(abs(a - b) / abs(b) for a, b in zip(*losses)) < 1e-5
+    assert json.loads((tmp_path / "a" / "lexlora.json").read_text())["metrics"]["num_processes"] == 2
+    assert leftovers(tmp_path, "a") == [] and not (tmp_path / "a.joint-checkpoints").exists()
