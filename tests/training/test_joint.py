@@ -171,3 +171,15 @@ def test_one_config_is_a_solo_run(tmp_path):
     config = job_configs(tmp_path, "one")[2]
     [result] = train_jobs([config])
     assert "joint_jobs" not in result.metrics and torch.is_tensor(load_file(str(result.output_dir / WEIGHTS))["lexical_fusion.proj.weight"])
+
+
+def test_a_joint_run_trains_in_bf16_with_gradient_checkpointing(tmp_path):
+    configs = job_configs(tmp_path, "joint", mixed_precision="bf16", gradient_checkpointing=True)[:2]
+    for config in configs:
+        config.train.max_steps = 4
+    results = train_jobs(configs)
+    for result in results:
+        assert result.metrics["mixed_precision"] == "bf16" and result.metrics["gradient_checkpointing"] is True
+        losses = step_losses(result.output_dir)
+        assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+        assert any(v.abs().max() > 0 for k, v in load_file(str(result.output_dir / WEIGHTS)).items() if "lora_B" in k)
