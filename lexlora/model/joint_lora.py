@@ -154,12 +154,24 @@ class JointModel(nn.Module):
             start += rows
         views[0].router.segments = segments
         decoder_input_ids = self.base_model.prepare_decoder_input_ids_from_labels(labels=labels)
-        logits = self.peft_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                                 use_cache=False).logits
-        return [
-            F.cross_entropy(logits[rows].reshape(-1, logits.shape[-1]), labels[rows].reshape(-1), ignore_index=-100)
-            for _, rows in segments
-        ]
+        scored = labels != -100
+        # The output projection only at the target tokens: a joint batch pads every job's targets to
+        # the longest job's, and the vocabulary projection is the largest per-token cost.
+        hook = self.base_model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][scored], *args[1:]))
+        try:
+            logits = self.peft_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                                     use_cache=False).logits
+        finally:
+            hook.remove()
+        if logits.dim() != 2:
+            raise ConfigError(f"joint training: {type(self.base_model).__name__} reshapes its logits; train its jobs on their own")
+        targets, losses, start = labels[scored], [], 0
+        per_row = scored.sum(dim=1).tolist()  # one host sync (the boolean selection above needs one anyway)
+        for _, rows in segments:
+            count = sum(per_row[rows])
+            losses.append(F.cross_entropy(logits[start : start + count], targets[start : start + count]))
+            start += count
+        return losses
 
     # The checkpoint hooks (lexlora.training.checkpoints) save and load these: every job's trainables.
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
