@@ -98,7 +98,10 @@ class JobRun(TrainingRun):
 
     def summary(self, stopped: NonFiniteLoss | None = None) -> dict[str, Any]:
         metrics = super().summary(stopped)
-        metrics["joint_jobs"] = len(self.joint.jobs)
+        # The joint loop's time so far without any job's epoch evaluations (train_seconds leaves out
+        # this job's own only): for the last job to leave, the whole loop's training time.
+        evaluations = sum(job.evaluator.seconds for job in self.joint.jobs if job.evaluator is not None)
+        metrics.update(joint_jobs=len(self.joint.jobs), joint_train_seconds=round(self.elapsed() - evaluations, 3))
         return metrics
 
 
