@@ -29,6 +29,9 @@ difference between a joint adapter's tensors and its solo twin's. The last line 
 
 --quick: 2 jobs, 5 steps, small splits (a check that the arms run; its report goes to a temp dir).
 --arms solo,peft runs a subset (the joint figures are then n/a). --from-json rewrites the report.
+--threads N sets every process's torch threads (train.cpu_threads; default one per usable core): on
+cores that other work keeps busy, 2 threads can run a step several times slower than 1 (measured
+here: 12.7 s against 1.5 s per flan-t5-small step), as each thread waits at every op for the other.
 """
 
 from __future__ import annotations
@@ -66,11 +69,11 @@ PEFT_SCRIPT = ROOT / "benchmarks" / "multitrain_peft.py"
 
 
 # ---- the jobs ---------------------------------------------------------------------------------
-def job_config(name: str, steps: int, output_dir: Path, quick: bool = False, config_path: str | None = None):
+def job_config(name: str, steps: int, output_dir: Path, quick: bool = False, threads: int | None = None):
     """Job `name` as its config says, with the benchmark's settings (see the module docstring)."""
     from lexlora.config import load_config
 
-    cfg = load_config(ROOT / (config_path or JOBS[name]))
+    cfg = load_config(ROOT / JOBS[name])
     cfg.model.random_init = True
     cfg.model.config_overrides = {**cfg.model.config_overrides, "dropout_rate": 0.0}
     cfg.lora.dropout = 0.0
@@ -78,6 +81,7 @@ def job_config(name: str, steps: int, output_dir: Path, quick: bool = False, con
     cfg.train.max_steps = steps
     cfg.train.log_every = 10**6  # a loss line at the last step only
     cfg.save_dtype = "float32"
+    cfg.train.cpu_threads = threads  # None: lexlora's default, one torch thread per usable core
     data = Path(cfg.data.path)
     cfg.data.path = str(data if data.is_absolute() else (ROOT / data).resolve())  # ../shared/... from the repo root
     if quick:
@@ -87,13 +91,13 @@ def job_config(name: str, steps: int, output_dir: Path, quick: bool = False, con
     return cfg
 
 
-def write_jobs(work: Path, arm: str, names: list[str], steps: int, quick: bool) -> list[Path]:
+def write_jobs(work: Path, arm: str, names: list[str], steps: int, quick: bool, threads: int | None = None) -> list[Path]:
     """One YAML per job for `arm`, its adapter under work/arm/."""
     from lexlora.config import config_to_yaml
 
     paths = []
     for name in names:
-        cfg = job_config(name, steps, work / arm / name, quick)
+        cfg = job_config(name, steps, work / arm / name, quick, threads)
         path = work / "jobs" / f"{arm}-{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(config_to_yaml(cfg))
@@ -308,7 +312,8 @@ def write_report(record: dict) -> str:
         "",
         f"Jobs ({', '.join(f'{name}: {path}' for name, path in record['jobs'].items())}): flan-t5-small shape with "
         f"random weights, base dropout 0, batch {record['batch_size']}, {record['steps']} optimizer steps each, "
-        "validation as each config says (val_loss at the epoch's end and on the final weights), adapters saved in float32."
+        "validation as each config says (val_loss at the epoch's end and on the final weights), adapters saved in float32; "
+        f"{record.get('threads', '?')} torch thread(s) per process."
         + (" --quick: small splits." if record.get("quick") else ""),
         "",
         "| arm | wall s | peak memory, sum of processes (MB) | peak memory, largest process (MB) | train-loop ex/s "
@@ -410,6 +415,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 jobs, 5 steps, small splits; report to a temp dir")
     parser.add_argument("--out", default=None, help="report path (default benchmarks/results/multitrain.md; .json beside it)")
     parser.add_argument("--work", default=None, help="work dir for configs, adapters and logs (default: a temp dir, removed)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of every process (train.cpu_threads; default: one per usable core). "
+                             "On cores busy with other work, 1 can be several times faster than 2")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--from-json", help="rewrite the report from a finished run's .json, no training")
     args = parser.parse_args(argv)
@@ -417,6 +425,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.steps = 5 if args.quick else 60
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     names = [n.strip() for n in (args.jobs.split(",") if args.jobs else (QUICK_JOBS if args.quick else JOBS)) if n.strip()]
     unknown = [n for n in names if n not in JOBS]
     if unknown or not names or len(set(names)) != len(names):
@@ -444,12 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lexlora-multitrain-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        yamls = {arm: write_jobs(work, arm, args.jobs, args.steps, args.quick) for arm in args.arms}
+        yamls = {arm: write_jobs(work, arm, args.jobs, args.steps, args.quick, args.threads) for arm in args.arms}
     except Exception as exc:  # ConfigError and friends: name the job config at fault
         sys.exit(f"error: could not build the job configs ({exc}); the data is read from {data_dir}")
     record = {
         "command": command.strip(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_state(), "machine": machine(), "steps": args.steps, "batch_size": BATCH_SIZE,
+        "threads": args.threads or machine_cores(),
         "jobs": {name: JOBS[name] for name in args.jobs}, "quick": args.quick,
         "loadavg_before": list(os.getloadavg()), "arms": {},
         # A child's ru_maxrss starts at this process's high-water mark (Linux keeps it across fork + exec).

@@ -7,7 +7,7 @@ JOB.yaml is a lexlora config (the parent writes one per job). From it this scrip
 (lexlora.model.loading.load_base_model with the same ModelConfig, so the random-init weights are the
 very ones the lexlora arms train on), the data, split, prompt template and lengths (lexlora.data's
 reader and tokenizer), the LoRA r / alpha / dropout / targets, and the batch size, learning rate,
-warmup, max_steps, grad clipping and seed. The rest is plain PEFT and transformers:
+warmup, max_steps, grad clipping, seed and CPU threads (train.cpu_threads). The rest is plain PEFT and transformers:
 `peft.get_peft_model`, `Seq2SeqTrainer` with `DataCollatorForSeq2Seq` (dynamic padding), length-
 grouped batches, no evaluation and no checkpoints during training, `save_pretrained` at the end into
 the config's output_dir. PEFT has no fusion projection: this arm embeds nothing and trains LoRA alone.
@@ -67,8 +67,9 @@ def train_peft(cfg: Config, use_cpu: bool | None = None) -> dict:
     if Path(cfg.output_dir).exists():
         raise SystemExit(f"output dir {cfg.output_dir} already exists; the PEFT arm writes a fresh one")
     cuda = torch.cuda.is_available() if use_cpu is None else not use_cpu
-    if not cuda:  # as lexlora's CPU runs do (set_cpu_threads): one thread per usable core
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if not cuda:  # as lexlora's CPU runs do (set_cpu_threads): train.cpu_threads, else one per usable core
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cfg.train.cpu_threads or cores)
     tokenizer = load_tokenizer(cfg.model)
     dataset = train_split(cfg, tokenizer)
     base = load_base_model(cfg.model)
@@ -116,6 +117,7 @@ def train_peft(cfg: Config, use_cpu: bool | None = None) -> dict:
         "trainable_params": trainable,
         "device": "cuda" if cuda else "cpu",
         "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
+        "torch_threads": torch.get_num_threads(),
     }
 
 

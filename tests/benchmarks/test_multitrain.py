@@ -27,6 +27,7 @@ def test_the_peft_child_trains_plain_peft_lora_for_max_steps_and_saves_it(tmp_pa
 
     cfg = tiny_train_config(tmp_path, stdlib_data, max_steps=3)
     cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules = 4, 8, ["q", "v"]
+    cfg.train.cpu_threads = 1
     config_file = tmp_path / "job.yaml"
     from lexlora.config import config_to_yaml
 
@@ -35,6 +36,7 @@ def test_the_peft_child_trains_plain_peft_lora_for_max_steps_and_saves_it(tmp_pa
     assert multitrain_peft.main(["--config", str(config_file), "--json", str(record_file), "--cpu"]) == 0
     record = json.loads(record_file.read_text())
     assert record["steps"] == 3 and record["batch_size"] == 8 and record["train_runtime"] > 0
+    assert record["torch_threads"] == 1  # train.cpu_threads, as lexlora's runs read it
     assert np.isfinite(record["train_loss"])
     saved = PeftConfig.from_pretrained(cfg.output_dir)
     assert (saved.r, saved.lora_alpha, sorted(saved.target_modules)) == (4, 8, ["q", "v"])
@@ -62,17 +64,18 @@ def test_each_job_is_its_config_with_the_benchmarks_settings(tmp_path):
     assert (cfg.train.max_steps, cfg.save_dtype, cfg.lora.dropout) == (60, "float32", 0.0)
     assert cfg.data.path == str((ROOT.parent / "shared" / "data" / "file-descriptions" / "file_type.jsonl").resolve())
     assert cfg.data.splits == original.data.splits and cfg.data.input_template == original.data.input_template
-    assert cfg.output_dir == str(tmp_path / "out")
-    yamls = multitrain.write_jobs(tmp_path, "joint", ["file-description", "file-type"], 5, quick=True)
+    assert cfg.output_dir == str(tmp_path / "out") and cfg.train.cpu_threads is None
+    yamls = multitrain.write_jobs(tmp_path, "joint", ["file-description", "file-type"], 5, quick=True, threads=1)
     written = load_config(yamls[1])  # what an arm's process reads
     assert written.data.splits == multitrain.QUICK_SPLITS and written.train.max_steps == 5
+    assert written.train.cpu_threads == 1
     assert written.output_dir == str(tmp_path / "joint" / "file-type")
 
 
 def test_arguments_refuse_unknown_jobs_and_arms(capsys):
     assert multitrain.parse_args(["--quick"]).jobs == list(multitrain.QUICK_JOBS)
     assert multitrain.parse_args(["--arms", "joint,solo"]).arms == ["solo", "joint"]
-    for bad in (["--jobs", "file-type,nope"], ["--arms", "solo,lora"], ["--jobs", "file-type,file-type"]):
+    for bad in (["--jobs", "file-type,nope"], ["--arms", "solo,lora"], ["--jobs", "file-type,file-type"], ["--threads", "0"]):
         with pytest.raises(SystemExit):
             multitrain.parse_args(bad)
     assert "--jobs must name distinct jobs" in capsys.readouterr().err
