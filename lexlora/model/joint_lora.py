@@ -137,30 +137,55 @@ class JointModel(nn.Module):
 
     def forward(self, indices: Sequence[int], batches: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         """One forward of every batch's rows together (batch i routed to job indices[i]); each job's
-        loss is the mean cross-entropy over its own target tokens, as its solo run computes it."""
-        views = [self.jobs[i] for i in indices]
+        loss is the mean cross-entropy over its own target tokens, as its solo run computes it.
+
+        The encoder runs once over every row; the decoder once per group of jobs with similar target
+        lengths (jobs' targets differ several-fold: one padded decoder call would mostly compute
+        padding). Under gradient checkpointing everything is one call, since the layers recomputed
+        in the backward pass must see the routing they saw in the forward."""
+        order = sorted(range(len(batches)), key=lambda k: batches[k]["labels"].shape[1])
+        views, batches = [self.jobs[indices[k]] for k in order], [batches[k] for k in order]
         fused = [view.encoder_inputs(b["input_ids"], b["attention_mask"], b.get("lexical_embeds")) for view, b in zip(views, batches)]
         width = max(embeds.shape[1] for embeds, _ in fused)
-        target = max(b["labels"].shape[1] for b in batches)
         # Padding past a row's own end is masked (encoder) or ignored (-100 labels; the decoder is
         # causal), so it changes no row's result.
         embeds = torch.cat([F.pad(e, (0, 0, 0, width - e.shape[1])) for e, _ in fused])
         mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in fused])
-        labels = torch.cat([F.pad(b["labels"], (0, target - b["labels"].shape[1]), value=-100) for b in batches])
         segments, start = [], 0
         for view, batch in zip(views, batches):
             rows = batch["labels"].shape[0]
             segments.append((view.adapter_name, slice(start, start + rows)))
             start += rows
-        views[0].router.segments = segments
+        router = views[0].router
+        router.segments = segments
+        lengths = [b["labels"].shape[1] for b in batches]
+        groups = [list(range(len(batches)))] if views[0].gradient_checkpointing else decoder_groups(lengths, [s.stop - s.start for _, s in segments])
+        if len(groups) == 1:
+            losses = self._decoded_losses(batches, segments, inputs_embeds=embeds, attention_mask=mask)
+        else:
+            encoded = self.base_model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+            losses = []
+            for group in groups:
+                rows = slice(segments[group[0]][1].start, segments[group[-1]][1].stop)
+                local = [(name, slice(s.start - rows.start, s.stop - rows.start)) for name, s in (segments[k] for k in group)]
+                router.segments = local
+                losses += self._decoded_losses([batches[k] for k in group], local, attention_mask=mask[rows],
+                                               encoder_outputs=(encoded.last_hidden_state[rows],))
+        in_order = [None] * len(losses)
+        for position, k in enumerate(order):
+            in_order[k] = losses[position]
+        return in_order
+
+    def _decoded_losses(self, batches, segments, **inputs) -> list[torch.Tensor]:
+        """Each segment's loss from one decoder call over `batches` (their labels padded together)."""
+        target = max(b["labels"].shape[1] for b in batches)
+        labels = torch.cat([F.pad(b["labels"], (0, target - b["labels"].shape[1]), value=-100) for b in batches])
         decoder_input_ids = self.base_model.prepare_decoder_input_ids_from_labels(labels=labels)
         scored = labels != -100
-        # The output projection only at the target tokens: a joint batch pads every job's targets to
-        # the longest job's, and the vocabulary projection is the largest per-token cost.
+        # The output projection only at the target tokens (the largest per-token cost).
         hook = self.base_model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][scored], *args[1:]))
         try:
-            logits = self.peft_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                                     use_cache=False).logits
+            logits = self.peft_model(decoder_input_ids=decoder_input_ids, use_cache=False, **inputs).logits
         finally:
             hook.remove()
         if logits.dim() != 2:
@@ -182,3 +207,17 @@ class JointModel(nn.Module):
             prefix = f"{i}/"
             job.load_trainable_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, source)
 
+
+
+def decoder_groups(lengths: Sequence[int], rows: Sequence[int], slack: float = 1.25) -> list[list[int]]:
+    """Consecutive jobs (sorted by target length) merged into one decoder call while its padded
+    tokens stay within `slack` times their own: fewer, larger calls without much padding."""
+    groups = [[0]]
+    for k in range(1, len(lengths)):
+        group = groups[-1] + [k]
+        padded = sum(rows[j] for j in group) * lengths[k]
+        if padded <= slack * sum(rows[j] * lengths[j] for j in group):
+            groups[-1] = group
+        else:
+            groups.append([k])
+    return groups

@@ -10,6 +10,8 @@ from lexlora.data.prepare import prepare_data
 from lexlora.data.tokenization import LexicalCollator
 from lexlora.errors import ConfigError
 from lexlora.model.factory import joint_model_for_run, model_for_run
+from lexlora.model import joint_lora
+from lexlora.model.joint_lora import decoder_groups
 from lexlora.model.loading import load_base_model
 from tests.conftest import tiny_model_config, tiny_train_config
 from tests.training.runs import STDLIB
@@ -42,14 +44,23 @@ def grads(params):
     return [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_one_joint_forward_gives_each_job_the_loss_and_gradients_of_its_own(jobs, tokenizer, checkpointing):
+@pytest.mark.parametrize("checkpointing, decoders", [(False, "one call"), (False, "one per job"), (True, "one call")])
+def test_one_joint_forward_gives_each_job_the_loss_and_gradients_of_its_own(jobs, tokenizer, monkeypatch, checkpointing, decoders):
     configs, datas, batches = jobs
     for config in configs:
         config.train.gradient_checkpointing = checkpointing
+    if decoders == "one per job":  # the encoder once, then a decoder call per job
+        monkeypatch.setattr(joint_lora, "decoder_groups", lambda lengths, rows: [[k] for k in range(len(lengths))])
+    else:  # every job's targets padded together, one call
+        monkeypatch.setattr(joint_lora, "decoder_groups", lambda lengths, rows: [list(range(len(lengths)))])
     joint = joint_model_for_run(list(zip(configs, datas)), load_base_model(configs[0].model), tokenizer).train()
-    assert joint.base_model.is_gradient_checkpointing == checkpointing
-    losses = joint([0, 1, 2], batches)
+    assert joint.jobs[0].gradient_checkpointing == checkpointing
+    calls = []
+    joint.base_model.get_encoder().register_forward_pre_hook(lambda *_: calls.append("encoder"))
+    joint.base_model.get_decoder().register_forward_pre_hook(lambda *_: calls.append("decoder"))
+    losses = joint([2, 0, 1], [batches[2], batches[0], batches[1]])  # any order
+    losses = [losses[1], losses[2], losses[0]]
+    assert calls == ["encoder", "decoder"] if decoders == "one call" else ["encoder"] + ["decoder"] * 3
     torch.stack(losses).sum().backward()
     for index, (config, data, batch) in enumerate(zip(configs, datas, batches)):
         solo = model_for_run(config, load_base_model(config.model), tokenizer, data).train()
@@ -101,3 +112,9 @@ def test_a_layer_the_router_cannot_route_is_refused(tmp_path, tokenizer):
     datas = [prepare_data(config, tokenizer, torch.device("cpu")) for config in configs]
     with pytest.raises(ConfigError, match=r"joint training routes LoRA on linear layers only \(no DoRA\); .*\.q is a Linear with DoRA"):
         joint_model_for_run(list(zip(configs, datas)), load_base_model(configs[0].model), tokenizer)
+
+
+def test_decoder_groups_merge_jobs_of_similar_target_lengths_only():
+    assert decoder_groups([5, 6, 20, 22, 60], [8, 8, 8, 8, 8]) == [[0, 1], [2, 3], [4]]
+    assert decoder_groups([10, 10, 10], [8, 2, 8]) == [[0, 1, 2]]
+    assert decoder_groups([4, 40], [100, 1]) == [[0], [1]]  # 40 * 101 rows padded is far over 1.25x

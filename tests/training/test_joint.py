@@ -174,6 +174,9 @@ def test_one_config_is_a_solo_run(tmp_path):
 
 
 def test_a_joint_run_trains_in_bf16_with_gradient_checkpointing(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process's first Accelerator fixes its precision; tests run many
     configs = job_configs(tmp_path, "joint", mixed_precision="bf16", gradient_checkpointing=True)[:2]
     for config in configs:
         config.train.max_steps = 4
@@ -183,3 +186,4 @@ def test_a_joint_run_trains_in_bf16_with_gradient_checkpointing(tmp_path):
         losses = step_losses(result.output_dir)
         assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
         assert any(v.abs().max() > 0 for k, v in load_file(str(result.output_dir / WEIGHTS)).items() if "lora_B" in k)
+    AcceleratorState._reset_state()  # the next test's runs are in full precision again
