@@ -38,6 +38,7 @@ from lexlora.training.launch import make_accelerator, resolve_mixed_precision, s
 from lexlora.training.memory import describe_memory, reset_peak
 from lexlora.training.optimizer import make_optimizer, make_scheduler, total_steps
 from lexlora.training.publish import recorded_labels
+from lexlora.training import recipe
 from lexlora.training.recipe import (
     Launched,
     Optimization,
@@ -46,7 +47,6 @@ from lexlora.training.recipe import (
     RunModel,
     TrainResult,
     describe_counts,
-    train,
 )
 from lexlora.training.tracking import LOG_NAME, MetricsLog
 
@@ -62,7 +62,7 @@ def train_jobs(cfgs: list[Config]) -> list[TrainResult]:
     """Train every job of `cfgs` in one pass and publish each to its output_dir; the results in job
     order. One config is a solo run (`train`)."""
     if len(cfgs) == 1:
-        return [train(cfgs[0])]
+        return [recipe.train(cfgs[0])]
     return JointRecipe(cfgs).run()
 
 
