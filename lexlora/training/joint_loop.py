@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,11 +25,10 @@ from lexlora.training.checkpoints import (
     Checkpoints,
     LoopState,
     StopSignals,
-    TrainingInterrupted,
     config_differences,
     dataset_sha256,
 )
-from lexlora.training.loop import NonFiniteLoss, TrainingRun
+from lexlora.training.loop import NonFiniteLoss, TrainingRun, interrupted
 
 
 class _NoStop:
@@ -205,9 +203,7 @@ class JointRun:
             f"({done} of {len(self.jobs)} jobs published); the training state of the others is saved in {path}. "
             "To continue, run the same command with --resume (train.resume=true)."
         )
-        if self.accelerator.is_main_process:
-            print(message, file=sys.stderr, flush=True)
-        raise TrainingInterrupted(signum, path, message)
+        raise interrupted(self.accelerator, signum, path, message)
 
 
 class JointCheckpoints(Checkpoints):

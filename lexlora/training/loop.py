@@ -284,6 +284,11 @@ class TrainingRun:
             f"(epoch {state.epoch + (1 if state.batches_done else 0)}); the training state is saved in {path}. "
             "No adapter was written. To continue, run the same command with --resume (train.resume=true)."
         )
-        if self.accelerator.is_main_process:
-            print(message, file=sys.stderr, flush=True)
-        raise TrainingInterrupted(signum, path, message)
+        raise interrupted(self.accelerator, signum, path, message)
+
+
+def interrupted(accelerator, signum: int, path: Path, message: str) -> TrainingInterrupted:
+    """The exit of a run stopped by `signum` after saving `path`; the main process prints `message`."""
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+    return TrainingInterrupted(signum, path, message)
