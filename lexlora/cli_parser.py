@@ -75,6 +75,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _min_max(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    try:
+        pair = (int(low), int(high))
+    except ValueError:
+        pair = None
+    if not sep or pair is None or not 0 <= pair[0] <= pair[1] or pair[1] < 1:
+        raise argparse.ArgumentTypeError(f"want MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4; got {text}")
+    return pair
+
+
 def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], description: str | None = None) -> argparse.ArgumentParser:
     """The `lexlora` parser; `commands` maps each sub-command ("adapters list" for nested ones) to the
     function that runs it."""
@@ -210,6 +221,22 @@ def make_parser(commands: Mapping[str, Callable[[argparse.Namespace], int]], des
     srv.add_argument("--api-key", metavar="KEY",
                      help="require 'Authorization: Bearer KEY' on every route but /health (default: env LEXLORA_API_KEY, "
                           "else no auth)")
+    ray = srv.add_argument_group("Ray Serve (pip install \"lexlora[ray]\"): replicas, each with its base, engine and "
+                                 "adapter store; requests go to a replica holding their adapter")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application instead of one process")
+    ray.add_argument("--address", dest="ray_address", metavar="ADDRESS",
+                     help="the Ray cluster to join: auto (the one `ray start` made here), ray://HOST:10001; "
+                          "default: start one on this machine")
+    count = ray.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=_positive_int, help="replicas (default: one per GPU of the cluster, else 1)")
+    count.add_argument("--autoscale", type=_min_max, metavar="MIN:MAX",
+                       help="scale between MIN and MAX replicas by requests in flight")
+    ray.add_argument("--replica-cpus", type=_positive_float, help="CPUs per replica (torch threads follow; default 1)")
+    ray.add_argument("--replica-gpus", type=float,
+                     help="GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
+    ray.add_argument("--no-multiplex", dest="multiplex", action="store_false",
+                     help="route requests by Ray's default (least busy of two) instead of to a replica holding their "
+                          "adapter (for comparison)")
     srv.set_defaults(func=commands["serve"])
 
     emb = sub.add_parser(

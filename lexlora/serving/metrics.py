@@ -34,6 +34,8 @@ _STORE_COUNTERS = (  # (metric name without _total, store.stats key, help)
     ("lexlora_adapter_loads", "loads", "Adapters loaded into the resident set."),
     ("lexlora_adapter_evictions", "evictions", "Adapters evicted from the resident set (LRU or cap)."),
     ("lexlora_adapter_load_failures", "load_failures", "Adapter loads that failed (missing, corrupt, foreign base)."),
+    ("lexlora_adapter_cache_hits", "hits", "Requests whose adapter was resident when they asked for it."),
+    ("lexlora_adapter_cache_misses", "misses", "Requests that waited for their adapter to load (failed loads included)."),
 )
 
 

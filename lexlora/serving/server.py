@@ -32,23 +32,14 @@ logger = logging.getLogger(__name__)
 def run_server(settings: ServeSettings) -> int:
     """Serve the adapters under `settings.adapters_dir` on `settings.host:settings.port`; returns the
     exit status once uvicorn stops. AdapterError if the dir is missing, no base loads, or a pinned /
-    preloaded adapter fails to load (unless `settings.skip_invalid`)."""
-    root = Path(settings.adapters_dir)
-    if not root.is_dir():
-        raise AdapterError(f"adapters dir not found: {root}")
-    api_key_from(settings.api_key)  # a bad key is a ConfigError before any model loads
-    settings = dataclasses.replace(settings, device=resolve_device(settings.device))
-    registry = _registry(settings)
-    registry.lexical_cache_entries = settings.lexical_cache_entries
-    registry.router.keep_hooks = True
-    wanted = _startup_names(settings)
-    failed = load_adapters(registry, root, wanted, allow_pickle=settings.allow_pickle)
-    if failed and not settings.skip_invalid:
-        raise AdapterError(
-            f"{len(failed)} of the {len(wanted)} adapters to load at startup failed "
-            f"(--skip-invalid serves without them):{_listing(failed)}"
-        )
+    preloaded adapter fails to load (unless `settings.skip_invalid`). With `settings.ray`, the same
+    app runs as a Ray Serve deployment instead (ray_app.py)."""
+    if settings.ray:
+        from lexlora.serving.ray_app import run_ray_server
 
+        return run_ray_server(settings)
+    root = Path(settings.adapters_dir)
+    settings, registry, failed = prepare_registry(settings)
     app = create_app(registry, root, settings, skipped=failed)
     url = f"http://{settings.host}:{settings.port}"
     store = app.state.store
@@ -62,6 +53,33 @@ def run_server(settings: ServeSettings) -> int:
             print(f"  skipped {name}: {reason}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
+
+
+def check_settings(settings: ServeSettings) -> None:
+    """What can be refused before any model loads: a missing adapters dir, a bad API key, startup
+    names with no dir."""
+    if not Path(settings.adapters_dir).is_dir():
+        raise AdapterError(f"adapters dir not found: {settings.adapters_dir}")
+    api_key_from(settings.api_key)
+    _startup_names(settings)
+
+
+def prepare_registry(settings: ServeSettings) -> tuple[ServeSettings, LexLoRA, dict[str, str]]:
+    """(settings with the device resolved, the registry with its startup adapters loaded, the ones
+    that failed to load: name -> why). What `lexlora serve` and each Ray replica do before serving."""
+    check_settings(settings)
+    settings = dataclasses.replace(settings, device=resolve_device(settings.device))
+    registry = _registry(settings)
+    registry.lexical_cache_entries = settings.lexical_cache_entries
+    registry.router.keep_hooks = True
+    wanted = _startup_names(settings)
+    failed = load_adapters(registry, Path(settings.adapters_dir), wanted, allow_pickle=settings.allow_pickle)
+    if failed and not settings.skip_invalid:
+        raise AdapterError(
+            f"{len(failed)} of the {len(wanted)} adapters to load at startup failed "
+            f"(--skip-invalid serves without them):{_listing(failed)}"
+        )
+    return settings, registry, failed
 
 
 def resolve_device(device: str | None) -> str:

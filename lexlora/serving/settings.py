@@ -35,7 +35,17 @@ class ServeSettings:
     lexical_cache_entries: int = 20_000  # lexical vectors kept in memory (~2 KB each); none written to disk
     max_body_bytes: int = 4 << 20  # request body; 64 inputs of 1000 characters take at most ~400 KB
     body_timeout_s: float = 30.0  # a request body must arrive within this time of its first byte
+    # Ray Serve (`--ray`, ray_app.py): the same app on replicas that each hold a base, an engine and a store.
+    ray: bool = False
+    ray_address: str | None = None  # None: start a Ray cluster on this machine; "auto", "ray://host:10001", ...
+    replicas: int | None = None  # fixed replica count; None: one per GPU of the cluster, else 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaled by requests in flight
+    replica_cpus: float | None = None  # Ray CPUs per replica (torch threads follow it); None: 1
+    replica_gpus: float | None = None  # Ray GPUs per replica; None: 1 where the cluster has GPUs, else 0
+    multiplex: bool = True  # route each request to a replica holding its adapter (off: Ray's plain routing)
 
     def __post_init__(self) -> None:
         self.adapters_dir = Path(self.adapters_dir)
         self.pin, self.preload = tuple(self.pin or ()), tuple(self.preload or ())
+        if self.autoscale is not None:
+            self.autoscale = tuple(self.autoscale)

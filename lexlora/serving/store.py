@@ -180,11 +180,11 @@ class AdapterStore:
             future = self._loading.get(name)
             if future is None:
                 self.check_name(name)
-                self.stats["misses"] += 1
                 future = self._loading[name] = concurrent.futures.Future()
                 future.waiters = 0
                 self._pool.submit(self._load, name, future)
             future.waiters += 1
+            self.stats["misses"] += 1  # per request that waits for a load, as hits are per request served resident
             return future
 
     # ---- loading (loader threads) --------------------------------------------------------------------

@@ -80,6 +80,8 @@ def test_concurrent_requests_for_one_cold_adapter_load_it_once(registry, root, m
         thread.join(20)
     assert calls == ["plain"] and len(got) == 8 and all(g is got[0] for g in got)
     assert store._resident["plain"].users == 8 and store.stats["loads"] == 1
+    # Each request counts once, a miss if it waited for the load (a hit ratio per request, not per load).
+    assert store.stats["hits"] + store.stats["misses"] == 8 and store.stats["misses"] >= 1
 
 
 def test_least_recently_used_idle_adapter_is_evicted_by_count(registry, root):
