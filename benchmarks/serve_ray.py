@@ -14,10 +14,11 @@ adapters at 16 (`--max-resident-adapters 16`: per replica under Ray). The arms:
   b  ray 1 replica   lexlora serve --ray --replicas 1 --replica-cpus 2
   c  ray 2, mux      lexlora serve --ray --replicas 2 --replica-cpus 1 (routed to a replica holding the adapter)
   d  ray 2, plain    the same with --no-multiplex (Ray's default: the less busy of two replicas)
+  e  one process     with a cap of 32: one LRU as large as (c)'s two, a reference (not in RESULT)
 
 Each arm: a fresh server (and Ray cluster), 16 warm-up requests, then `--seconds` of load (default
-120; --quick 30). Per arm: good requests/s, p50/p99, wrong statuses and 5xx, and the adapter cache
-hit ratio: the good answers whose Server-Timing `load;dur` is 0 (their adapter was resident), per
+120; --quick 30). Per arm: good requests/s, p50/p99, wrong statuses and 5xx, the cores each
+process kept busy (Ray's and the clients' too), and the adapter cache hit ratio: the good answers whose Server-Timing `load;dur` is 0 (their adapter was resident), per
 replica (from each answer's x-lexlora-replica header) and in all; and each replica's store counters
 (lexlora_adapter_cache_hits/misses_total in /metrics) as a cross-check. For reference, the best any
 cache of K adapters could do under this load: the share of requests for the K most popular.
@@ -57,8 +58,11 @@ ARMS = {  # label -> (flags, replicas)
     "b": (["--ray", "--replicas", "1", "--replica-cpus", "2"], 1),
     "c": (["--ray", "--replicas", "2", "--replica-cpus", "1"], 2),
     "d": (["--ray", "--replicas", "2", "--replica-cpus", "1", "--no-multiplex"], 2),
+    # A reference, not in RESULT: one store of both replicas' slots, what partitioning them could reach.
+    "e": (["--max-resident-adapters", str(2 * CAP)], 0),
 }
-TITLES = {"a": "one process", "b": "Ray, 1 replica", "c": "Ray, 2 replicas, multiplexed", "d": "Ray, 2 replicas, plain"}
+TITLES = {"a": "one process", "b": "Ray, 1 replica", "c": "Ray, 2 replicas, multiplexed", "d": "Ray, 2 replicas, plain",
+          "e": f"one process, cap {2 * CAP}"}
 
 
 class RayServer(StoreServer):
@@ -170,13 +174,35 @@ def warm(server: StoreServer, names: list[str]) -> None:
     client.conn.close()
 
 
+def tree_cpu(server: StoreServer) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (Ray's included), by process name."""
+    import psutil
+
+    found: Counter = Counter()
+    try:
+        root = psutil.Process(server.proc.pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            name = process.name() if process is not root else "lexlora serve (driver)"
+            found[name.replace("ServeReplica:lexlora:", "")[:40]] += times.user + times.system
+        except psutil.Error:
+            pass
+    return dict(found)
+
+
 def best_share(weights: list[float], slots: int) -> float:
     return sum(sorted(weights, reverse=True)[:slots]) / sum(weights)
 
 
 def run_arm(label: str, root: Path, port: int, names: list[str], seconds: float) -> dict:
+    import psutil
+
     flags, replicas = ARMS[label]
-    flags = [*flags, "--max-resident-adapters", str(CAP)]
+    flags = ["--max-resident-adapters", str(CAP), *flags]  # a later flag wins (arm e's cap)
     started = time.perf_counter()
     server = RayServer(root, port, flags, replicas) if replicas else StoreServer(root, port, flags)
     try:
@@ -184,10 +210,14 @@ def run_arm(label: str, root: Path, port: int, names: list[str], seconds: float)
         warm(server, names)
         before = server.replica_counters() if replicas else {}
         arm = RayArm(label, server, Workload(names, 3))
+        clients = psutil.Process()
+        cpu_before = {**tree_cpu(server), "the 32 clients": sum(clients.cpu_times()[:2])}
         arm.drive(seconds)
+        cpu_after = {**tree_cpu(server), "the 32 clients": sum(clients.cpu_times()[:2])}
+        cpu = {k: (v - cpu_before.get(k, 0.0)) / arm.elapsed for k, v in cpu_after.items()}
         after = server.replica_counters() if replicas else {}
         summary = arm.summary(min(15.0, seconds / 4))
-        summary.update(up_s=up_s, by_replica=arm.tally.by_replica, wrong_examples=arm.tally.wrong,
+        summary.update(up_s=up_s, cpu=cpu, by_replica=arm.tally.by_replica, wrong_examples=arm.tally.wrong,
                        store={r: {k: after[r][k] - before.get(r, Counter())[k] for k in after[r]} for r in after},
                        log=server.log_tail(1500) if arm.tally.wrong or arm.tally.errors_5xx else "")
         answers = sum(c["answers"] for c in arm.tally.by_replica.values())
@@ -219,6 +249,9 @@ def report(results: dict[str, dict], weights: list[float]) -> None:
                      if store else "")
             print(f"({label}) replica {replica}: {counts['answers']} good answers, hit ratio "
                   f"{counts['hits'] / max(counts['answers'], 1):.3f}{cross}")
+        busy = sorted(s["cpu"].items(), key=lambda kv: -kv[1])
+        print(f"({label}) cores busy during the load: {sum(s['cpu'].values()):.2f} in all; "
+              + ", ".join(f"{name} {cores:.3f}" for name, cores in busy if cores >= 0.005))
         for example in s["wrong_examples"]:
             print(f"  ({label}) wrong: {example}")
         if s["log"]:
@@ -232,7 +265,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="30 s of load per arm")
     parser.add_argument("--seconds", type=float, help="seconds of load per arm (default 120; --quick 30)")
     parser.add_argument("--port", type=int, default=8961)
-    parser.add_argument("--arms", default="abcd", help="which arms, in order (default abcd)")
+    parser.add_argument("--arms", default="abcde", help="which arms, in order (default abcde)")
     args = parser.parse_args()
     seconds = args.seconds or (30 if args.quick else 120)
     began = time.perf_counter()
