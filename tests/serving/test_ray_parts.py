@@ -117,7 +117,8 @@ def test_merged_metrics_label_every_sample_with_its_replica():
 
 def test_replica_options_follow_the_settings_and_the_cluster():
     options = replica_options(ServeSettings(replicas=3, replica_cpus=2, max_batch_rows=16))
-    assert options["num_replicas"] == 3 and options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert options["num_replicas"] == 3
+    assert {k: options["ray_actor_options"][k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 2, "num_gpus": 0.0}
     assert options["max_ongoing_requests"] == 16
     on_gpus = replica_options(ServeSettings(), gpus_in_cluster=4)  # one replica per GPU
     assert on_gpus["num_replicas"] == 4 and on_gpus["ray_actor_options"]["num_gpus"] == 1.0
