@@ -158,12 +158,14 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from lexlora.serving.server import (
-        run_server,  # fastapi/uvicorn are only imported by the server
-    )
-
     # The serve sub-parser has one option per setting, under the setting's name.
     settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    if settings.ray:
+        from lexlora.serving.ray_app import run_ray_server  # imports Ray only once it is known to be there
+
+        return run_ray_server(settings)
+    from lexlora.serving.server import run_server  # fastapi/uvicorn are only imported by the server
+
     return run_server(settings)
 
 

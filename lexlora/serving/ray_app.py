@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lexlora.errors import ConfigError
+from lexlora.serving.server import check_settings
 from lexlora.serving.settings import ServeSettings
 
 APP_NAME = "lexlora"
@@ -105,8 +106,6 @@ def run_ray_server(settings: ServeSettings) -> int:
     `settings.host:settings.port` until interrupted; then the app is deleted (and a cluster started
     here stopped)."""
     require_ray()
-    from lexlora.serving.server import check_settings
-
     check_settings(settings)
     replica_options(settings)  # bad counts are refused before Ray starts
     import ray

@@ -55,6 +55,9 @@ class ReplicaRequestError(LexloraError):
         super().__init__(f"{status}: {detail}")
         self.status, self.detail = status, detail
 
+    def __reduce__(self):  # Ray pickles it back to the caller
+        return type(self), (self.status, self.detail)
+
 
 @ray.remote(num_cpus=0)
 class SnapshotBoard:

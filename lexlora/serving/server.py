@@ -32,12 +32,8 @@ logger = logging.getLogger(__name__)
 def run_server(settings: ServeSettings) -> int:
     """Serve the adapters under `settings.adapters_dir` on `settings.host:settings.port`; returns the
     exit status once uvicorn stops. AdapterError if the dir is missing, no base loads, or a pinned /
-    preloaded adapter fails to load (unless `settings.skip_invalid`). With `settings.ray`, the same
-    app runs as a Ray Serve deployment instead (ray_app.py)."""
-    if settings.ray:
-        from lexlora.serving.ray_app import run_ray_server
-
-        return run_ray_server(settings)
+    preloaded adapter fails to load (unless `settings.skip_invalid`). (`settings.ray` is
+    ray_app.run_ray_server's.)"""
     root = Path(settings.adapters_dir)
     settings, registry, failed = prepare_registry(settings)
     app = create_app(registry, root, settings, skipped=failed)

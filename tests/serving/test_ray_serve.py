@@ -111,6 +111,18 @@ def test_requests_for_one_adapter_go_to_the_replica_holding_it_and_match_one_pro
     assert status == 200 and {"desc", "plain", "files"} <= {m["id"] for m in body["data"]}
 
 
+def test_python_callers_generate_through_a_replica_handle(ray_url, adapters):
+    from lexlora.serving.ray_replica import ReplicaRequestError
+
+    registry = adapters[2]
+    handle = serve.get_deployment_handle("LexloraReplica", app_name="lexlora")
+    answer = handle.options(multiplexed_model_id="desc").generate.remote("desc", DESC_INPUTS).result(timeout_s=60)
+    assert answer["outputs"] == registry.generate(DESC_INPUTS, adapter="desc")
+    with pytest.raises(ReplicaRequestError) as refused:
+        handle.options(multiplexed_model_id="nope").generate.remote("nope", ["a.py"]).result(timeout_s=60)
+    assert refused.value.status == 404 and "nope" in refused.value.detail
+
+
 def test_health_adapters_and_metrics_cover_every_replica(ray_url):
     send(ray_url, "/generate", {"adapter": "desc", "inputs": DESC_INPUTS[:1]})
     time.sleep(1.5)  # a snapshot is pushed every second
