@@ -132,7 +132,7 @@ def main() -> None:
     # (counted on the first two batches: FlopCounterMode dispatches every op through Python).
     counted = timed[:2]
     flops_step = sum(fwd_bwd_flops(b) for b in counted) / len(counted)
-    print(f"padded FLOPs counted", flush=True)
+    print("padded FLOPs counted", flush=True)
     useful_flops = 0
     for batch in counted:
         for row in range(len(batch["input_ids"])):

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hotswap import MODEL_ID, make_adapters
-from serve_store import FORCED, Arm, StoreClient, StoreServer, StoreTally, Workload, make_corrupt, server_timing
+from serve_store import FORCED, Arm, StoreClient, StoreServer, StoreTally, Workload, make_corrupt
 
 from lexlora.config import ModelConfig
 
@@ -119,17 +119,9 @@ class ReplicaClient(StoreClient):
     """StoreClient that also reads which replica answered."""
 
     def post(self, body: str):
-        start = time.perf_counter()
-        try:
-            self.conn.request("POST", "/generate", body.encode(), {"Content-Type": "application/json"})
-            response = self.conn.getresponse()
-            text = response.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException) as exc:
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-            return time.perf_counter() - start, 0, {}, repr(exc), None
-        return (time.perf_counter() - start, response.status, server_timing(response.getheader("Server-Timing")),
-                text, response.getheader("x-lexlora-replica") or ONE_PROCESS)
+        answer = super().post(body)
+        replica = self.last_response.getheader("x-lexlora-replica") if self.last_response is not None else None
+        return (*answer, replica or ONE_PROCESS)
 
 
 class RayTally(StoreTally):

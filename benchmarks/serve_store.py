@@ -144,6 +144,7 @@ class StoreClient(Client):
     def post(self, body: str) -> tuple[float, int, dict[str, float], str]:
         """(latency s, status, Server-Timing durations in ms, body); status 0: no answer."""
         start = time.perf_counter()
+        self.last_response = None  # the answer's headers, for subclasses (serve_ray reads the replica's)
         try:
             self.conn.request("POST", "/generate", body.encode(), {"Content-Type": "application/json"})
             response = self.conn.getresponse()
@@ -152,6 +153,7 @@ class StoreClient(Client):
             self.conn.close()
             self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
             return time.perf_counter() - start, 0, {}, repr(exc)
+        self.last_response = response
         return time.perf_counter() - start, response.status, server_timing(response.getheader("Server-Timing")), text
 
 
