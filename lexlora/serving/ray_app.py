@@ -85,6 +85,15 @@ def replica_options(settings: ServeSettings, gpus_in_cluster: float = 0.0) -> di
     return options
 
 
+def ingress_options(settings: ServeSettings) -> dict[str, Any]:
+    """`LexloraIngress.options(...)`: no CPU reserved (it only forwards), `settings.ingress_replicas`
+    of it, and no limit of its own on requests in flight (the replicas and their queues have theirs)."""
+    if settings.ingress_replicas < 1:
+        raise ConfigError(f"--ingress-replicas {settings.ingress_replicas}: want at least 1")
+    return {"num_replicas": settings.ingress_replicas, "max_ongoing_requests": 10_000,
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": RUNTIME_ENV}}
+
+
 def build_app(settings: ServeSettings, gpus_in_cluster: float | None = None):
     """The Ray Serve application (`serve.run(build_app(settings))`). Call with Ray initialized:
     the GPU count is read from the cluster unless given."""
@@ -97,8 +106,7 @@ def build_app(settings: ServeSettings, gpus_in_cluster: float | None = None):
     # Replicas may run on other nodes: the adapters dir is passed as an absolute path.
     settings = dataclasses.replace(settings, adapters_dir=Path(settings.adapters_dir).resolve(), ray=False)
     replica = LexloraReplica.options(**replica_options(settings, gpus_in_cluster)).bind(settings)
-    return LexloraIngress.options(ray_actor_options={"num_cpus": 0, "runtime_env": RUNTIME_ENV},
-                                  max_ongoing_requests=10_000).bind(replica, settings)
+    return LexloraIngress.options(**ingress_options(settings)).bind(replica, settings)
 
 
 def run_ray_server(settings: ServeSettings) -> int:
@@ -108,6 +116,7 @@ def run_ray_server(settings: ServeSettings) -> int:
     require_ray()
     check_settings(settings)
     replica_options(settings)  # bad counts are refused before Ray starts
+    ingress_options(settings)
     import ray
     from ray import serve
 

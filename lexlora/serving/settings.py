@@ -43,6 +43,7 @@ class ServeSettings:
     replica_cpus: float | None = None  # Ray CPUs per replica (torch threads follow it); None: 1
     replica_gpus: float | None = None  # Ray GPUs per replica; None: 1 where the cluster has GPUs, else 0
     multiplex: bool = True  # route each request to a replica holding its adapter (off: Ray's plain routing)
+    ingress_replicas: int = 1  # the ingress forwards ~90 requests/s per core (benchmarks/results/serve_ray.md)
 
     def __post_init__(self) -> None:
         self.adapters_dir = Path(self.adapters_dir)

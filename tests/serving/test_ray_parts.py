@@ -16,7 +16,7 @@ from starlette.routing import Route  # noqa: E402
 from lexlora.cli_parser import _min_max  # noqa: E402
 from lexlora.errors import ConfigError  # noqa: E402
 from lexlora.serving.asgi_call import ForwardedRequest, ResponseStart, call_app  # noqa: E402
-from lexlora.serving.ray_app import replica_options, require_ray  # noqa: E402
+from lexlora.serving.ray_app import ingress_options, replica_options, require_ray  # noqa: E402
 from lexlora.serving.ray_ingress import adapter_named, merged_metrics, wants_stream  # noqa: E402
 from lexlora.serving.settings import ServeSettings  # noqa: E402
 
@@ -126,6 +126,13 @@ def test_replica_options_follow_the_settings_and_the_cluster():
     assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
     with pytest.raises(ConfigError, match="give one"):
         replica_options(ServeSettings(replicas=2, autoscale=(1, 4)))
+
+
+def test_the_ingress_reserves_no_cpu_and_scales_by_its_own_count():
+    options = ingress_options(ServeSettings(ingress_replicas=3))
+    assert options["num_replicas"] == 3 and options["ray_actor_options"]["num_cpus"] == 0
+    with pytest.raises(ConfigError, match="ingress-replicas"):
+        ingress_options(ServeSettings(ingress_replicas=0))
 
 
 def test_autoscale_is_parsed_as_min_max():
