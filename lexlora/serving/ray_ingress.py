@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from lexlora.serving.asgi_call import ForwardedRequest, ResponseStart
+from lexlora.serving.asgi_call import ForwardedRequest
 from lexlora.serving.auth import BearerAuth, api_key_from
 from lexlora.serving.limits import BodyLimits
 from lexlora.serving.ray_replica import PUSH_S, board_for
@@ -45,17 +45,21 @@ STALE_S = 3 * PUSH_S  # a snapshot older than this is a replica that is gone
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
-def adapter_named(method: str, path: str, body: bytes) -> str:
+def json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, once per request; None for anything else (the replica's app
+    answers a malformed body)."""
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def adapter_named(method: str, path: str, payload: dict[str, Any] | None) -> str:
     """The adapter a request names ("" when none): what Ray routes it by."""
     if path.startswith("/adapters/"):
         return path[len("/adapters/"):]
-    if method != "POST" or not body:
-        return ""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""  # the replica's app answers the malformed body
-    if not isinstance(payload, dict):
+    if method != "POST" or payload is None:
         return ""
     for key in ("model", "adapter", "name"):
         if isinstance(payload.get(key), str):
@@ -63,12 +67,12 @@ def adapter_named(method: str, path: str, body: bytes) -> str:
     return ""
 
 
-def wants_stream(body: bytes) -> bool:
-    try:
-        payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(payload, dict) and payload.get("stream") is True
+def wants_stream(payload: dict[str, Any] | None) -> bool:
+    return payload is not None and payload.get("stream") is True
+
+
+def _raw(headers: list[tuple[str, str]], drop: tuple[str, ...] = ()) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() not in drop]
 
 
 def merged_metrics(snapshots: dict[str, dict[str, Any]], own: CollectorRegistry) -> bytes:
@@ -117,7 +121,8 @@ class LexloraIngress:
         self.metrics = CollectorRegistry(auto_describe=True)
         self.retries = Counter("lexlora_ray_retries", "Requests retried after their replica failed.",
                                registry=self.metrics)
-        self.failures = Counter("lexlora_ray_replica_failures", "Requests whose replica failed, by what was done.",
+        self.failures = Counter("lexlora_ray_replica_failures",
+                                "Requests whose replica failed past the retry: answered 503, or a stream cut.",
                                 ("outcome",), registry=self.metrics)
         self._board = None
 
@@ -174,37 +179,42 @@ class LexloraIngress:
         body = await request.body()
         forwarded = ForwardedRequest(request.method, path, request.url.query.encode(),
                                      list(request.headers.items()), body)
-        name = adapter_named(request.method, path, body) if self.settings.multiplex else ""
+        payload = json_object(body)
+        name = adapter_named(request.method, path, payload) if self.settings.multiplex else ""
         handle = self.replica.options(multiplexed_model_id=name) if name else self.replica
-        if wants_stream(body):
+        if wants_stream(payload):
             return await self._stream(handle, forwarded)
+        answer = await self._retried(path, lambda: handle.forward.remote(forwarded))
+        if isinstance(answer, Response):
+            return answer
+        status, headers, content = answer
+        response = Response(content, status_code=status)
+        response.raw_headers = _raw(headers)
+        return response
+
+    async def _retried(self, path: str, call):
+        """`await call()`, made again once if its replica failed; a 503 Response if it failed twice."""
         for attempt in (1, 2):
             try:
-                status, headers, content = await handle.forward.remote(forwarded)
-                break
+                return await call()
             except REPLICA_GONE as exc:
                 if attempt == 2:
                     self.failures.labels(outcome="503").inc()
                     return _gone(path, exc)
-                logger.warning("%s %s: its replica failed (%s); retrying once", request.method, path, exc)
+                logger.warning("%s: its replica failed (%s); retrying once", path, exc)
                 self.retries.inc()
-                self.failures.labels(outcome="retried").inc()
-        response = Response(content, status_code=status)
-        response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-        return response
 
     async def _stream(self, handle, forwarded: ForwardedRequest) -> Response:
-        for attempt in (1, 2):
-            stream = handle.options(stream=True).forward_stream.remote(forwarded)
-            try:
-                start: ResponseStart = await stream.__anext__()
-                break
-            except REPLICA_GONE as exc:
-                if attempt == 2:
-                    self.failures.labels(outcome="503").inc()
-                    return _gone(forwarded.path, exc)
-                self.retries.inc()
-                self.failures.labels(outcome="retried").inc()
+        streams = []
+
+        def first_part():  # a new stream each try; its first part (the ResponseStart) awaited
+            streams.append(handle.options(stream=True).forward_stream.remote(forwarded))
+            return streams[-1].__anext__()
+
+        start = await self._retried(forwarded.path, first_part)
+        if isinstance(start, Response):
+            return start
+        stream = streams[-1]
 
         async def rest() -> AsyncIterator[bytes]:
             try:
@@ -217,6 +227,5 @@ class LexloraIngress:
                 stream.cancel()  # the client left (or it ended): the replica's app sees the disconnect
 
         response = StreamingResponse(rest(), status_code=start.status)
-        response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in start.headers
-                                if k.lower() != "content-length"]
+        response.raw_headers = _raw(start.headers, drop=("content-length",))
         return response

@@ -91,6 +91,7 @@ class LexloraReplica:
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
         self.actor_name = ray.get_runtime_context().get_actor_name()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self._tag = [(REPLICA_HEADER, self.replica_id)]
         key = api_key_from(self.settings.api_key)
         self._auth = [("authorization", f"Bearer {key}")] if key else []
@@ -153,7 +154,7 @@ class LexloraReplica:
             parts = [p async for p in call_app(self.app, ForwardedRequest("GET", route, headers=self._auth))]
             answers[route] = b"".join(p for p in parts if isinstance(p, bytes)).decode()
         return {"at": time.time(), "replica": self.replica_id, "actor": self.actor_name,
-                "node": ray.get_runtime_context().get_node_id(), "health": json.loads(answers["/health"]),
+                "node": self.node_id, "health": json.loads(answers["/health"]),
                 "adapters": json.loads(answers["/adapters"]).get("adapters", []), "metrics": answers["/metrics"]}
 
     async def _push_forever(self) -> None:

@@ -51,24 +51,23 @@ def run_server(settings: ServeSettings) -> int:
     return 0
 
 
-def check_settings(settings: ServeSettings) -> None:
+def check_settings(settings: ServeSettings) -> list[str]:
     """What can be refused before any model loads: a missing adapters dir, a bad API key, startup
-    names with no dir."""
+    names with no dir. Returns the adapters to load at startup."""
     if not Path(settings.adapters_dir).is_dir():
         raise AdapterError(f"adapters dir not found: {settings.adapters_dir}")
     api_key_from(settings.api_key)
-    _startup_names(settings)
+    return _startup_names(settings)
 
 
 def prepare_registry(settings: ServeSettings) -> tuple[ServeSettings, LexLoRA, dict[str, str]]:
     """(settings with the device resolved, the registry with its startup adapters loaded, the ones
     that failed to load: name -> why). What `lexlora serve` and each Ray replica do before serving."""
-    check_settings(settings)
+    wanted = check_settings(settings)
     settings = dataclasses.replace(settings, device=resolve_device(settings.device))
     registry = _registry(settings)
     registry.lexical_cache_entries = settings.lexical_cache_entries
     registry.router.keep_hooks = True
-    wanted = _startup_names(settings)
     failed = load_adapters(registry, Path(settings.adapters_dir), wanted, allow_pickle=settings.allow_pickle)
     if failed and not settings.skip_invalid:
         raise AdapterError(

@@ -17,7 +17,7 @@ from lexlora.cli_parser import _min_max  # noqa: E402
 from lexlora.errors import ConfigError  # noqa: E402
 from lexlora.serving.asgi_call import ForwardedRequest, ResponseStart, call_app  # noqa: E402
 from lexlora.serving.ray_app import ingress_options, replica_options, require_ray  # noqa: E402
-from lexlora.serving.ray_ingress import adapter_named, merged_metrics, wants_stream  # noqa: E402
+from lexlora.serving.ray_ingress import adapter_named, json_object, merged_metrics, wants_stream  # noqa: E402
 from lexlora.serving.settings import ServeSettings  # noqa: E402
 
 
@@ -92,12 +92,13 @@ def test_an_app_that_raises_before_answering_is_a_500():
     ("GET", "/v1/models", b"", ""),
 ])
 def test_the_ingress_routes_by_the_adapter_the_request_names(method, path, body, name):
-    assert adapter_named(method, path, body) == name
+    assert adapter_named(method, path, json_object(body)) == name
 
 
 def test_wants_stream_only_for_a_true_stream_field():
-    assert wants_stream(b'{"stream": true}') and not wants_stream(b'{"stream": "yes"}')
-    assert not wants_stream(b"{") and not wants_stream(b"")
+    assert wants_stream(json_object(b'{"stream": true}')) and not wants_stream(json_object(b'{"stream": "yes"}'))
+    assert not wants_stream(json_object(b"{")) and not wants_stream(json_object(b""))
+    assert not wants_stream(json_object(b'[{"stream": true}]'))
 
 
 def test_merged_metrics_label_every_sample_with_its_replica():
